@@ -1,0 +1,41 @@
+"""The protocol every meta-learner implements, and the registry tests loop over."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from metalstm.data.episodes import EpisodeBatch
+from metalstm.learners.base import BaseLearner
+
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs [n, out], targets [n(, out)]) -> scalar
+
+
+class MetaOutput(NamedTuple):
+    loss: Tensor  # scalar meta-loss; its gradient w.r.t. the meta-parameters is the meta-gradient
+    query_outputs: Tensor  # [B, n_query, out], predictions on the query sets after adaptation
+
+
+class MetaLearner(nn.Module, ABC):
+    """Learns, across tasks, how ``learner`` should adapt to a new task from its support set.
+
+    A meta-learner sees only the base learner's functional interface and an episode batch:
+    it never imports a data set or a concrete network.
+    """
+
+    def __init__(self, learner: BaseLearner, loss_fn: LossFn):
+        super().__init__()
+        self.learner, self.loss_fn = learner, loss_fn
+
+    @abstractmethod
+    def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+        """Meta-training: adapt to each task's support set, score its query set."""
+
+    @abstractmethod
+    def predict(self, batch: EpisodeBatch) -> Tensor:
+        """Meta-test: adapt to each support set, return query outputs [B, n_query, out].
+
+        Called with gradients enabled (adaptation may need them) but nothing is trained.
+        """

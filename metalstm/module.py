@@ -1,0 +1,121 @@
+"""The one LightningModule: a meta-learner (which holds its base learner) trained over episodes."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from metalstm.data.episodes import EpisodeBatch
+from metalstm.errors import ConfigError, MetalstmError
+from metalstm.meta.base import MetaLearner
+from metalstm.objectives import Objective, mean_ci95
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class OptimConfig:
+    meta_lr: float = 1e-3  # Adam step size of the outer loop
+    grad_clip: float | None = None  # max L2 norm of the meta-gradient (clipped inside the step)
+
+
+class TrainingDiverged(MetalstmError):
+    pass
+
+
+class MetaLearningModule(pl.LightningModule):
+    """Training step = one outer update over a meta-batch; val/test = adaptation on fixed tasks.
+
+    Uses manual optimisation, so clipping happens here (``optim.grad_clip``), not on the trainer.
+    ``config`` is the run's resolved config as plain data; it is stored in every checkpoint
+    so ``eval.py`` can rebuild the run without pickled objects.
+    """
+
+    def __init__(self, meta_learner: MetaLearner, objective: Objective, optim: OptimConfig, config: dict | None = None):
+        super().__init__()
+        if optim.meta_lr <= 0:
+            raise ConfigError(f"optim.meta_lr={optim.meta_lr} must be positive.")
+        if optim.grad_clip is not None and optim.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip={optim.grad_clip} must be positive (or null for no clipping).")
+        self.automatic_optimization = False
+        self.meta_learner, self.objective, self.optim = meta_learner, objective, optim
+        self.config = config or {}
+        self.last_finite_loss: float | None = None
+        self._per_task: dict[str, list[Tensor]] = {}
+        self.test_summary: dict[str, float] = {}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.meta_learner.parameters(), lr=self.optim.meta_lr)
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()
+        out = self.meta_learner.meta_loss(batch)
+        if not torch.isfinite(out.loss):
+            raise TrainingDiverged(
+                f"The meta-loss became {out.loss.item()} at step {self.global_step} (last finite value: "
+                f"{self.last_finite_loss}). Usually the inner or meta learning rate is too high: lower "
+                f"meta_learner.inner_lr or optim.meta_lr, or set optim.grad_clip. The best checkpoint so far is kept."
+            )
+        self.last_finite_loss = out.loss.item()
+        self.manual_backward(out.loss)
+        if self.optim.grad_clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        metrics = self.objective.task_metrics(out.query_outputs, batch.query_y)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=batch.num_tasks)
+        for name, values in metrics.items():
+            if name != "loss":
+                self.log(f"train/{name}", values.mean(), prog_bar=True, batch_size=batch.num_tasks)
+        return out.loss.detach()
+
+    # ------------------------------------------------------------------ meta-validation and meta-test
+
+    def _collect(self, batch: EpisodeBatch) -> None:
+        with torch.enable_grad():  # adaptation needs gradients, even under the eval loop's no_grad
+            outputs = self.meta_learner.predict(batch)
+        for name, values in self.objective.task_metrics(outputs, batch.query_y).items():
+            self._per_task.setdefault(name, []).append(values.detach())
+
+    def _gathered(self) -> dict[str, Tensor]:
+        per_task = {}
+        for name, chunks in self._per_task.items():
+            values = torch.cat(chunks)
+            if self.trainer.world_size > 1:
+                values = self.all_gather(values).flatten()
+            per_task[name] = values.double().cpu()
+        self._per_task = {}
+        return per_task
+
+    def on_validation_epoch_start(self) -> None:
+        self._per_task = {}
+
+    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, values in self._gathered().items():
+            self.log(f"val/{name}", values.mean().item(), prog_bar=name != "loss", rank_zero_only=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._per_task = {}
+
+    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_test_epoch_end(self) -> None:
+        summary: dict[str, float] = {}
+        for name, values in self._gathered().items():
+            mean, ci95 = mean_ci95(values)
+            summary[f"test/{name}"], summary[f"test/{name}_ci95"] = mean, ci95
+            summary["test/num_tasks"] = values.numel()
+        for key, value in summary.items():
+            if math.isfinite(value):
+                self.log(key, value, rank_zero_only=True)
+        self.test_summary = summary
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["metalstm"] = {"format": CHECKPOINT_FORMAT, "config": self.config}

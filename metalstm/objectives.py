@@ -1,0 +1,69 @@
+"""Task objectives: the loss the inner loop minimises and the metrics we report.
+
+A data set declares its ``task_type``; the module picks the objective by that name, so
+neither a data set nor a meta-learner needs to know about the other.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Objective(Protocol):
+    metrics: tuple[str, ...]
+    monitor: str  # the validation metric used to pick the best checkpoint
+    monitor_mode: str  # "max" or "min"
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss of one task. outputs [n, out], targets [n] or [n, out]."""
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Per-task metrics. outputs [B, n, out], targets [B, n(, out)] -> each [B]."""
+
+
+class Classification:
+    metrics = ("loss", "acc")
+    monitor = "acc"
+    monitor_mode = "max"
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        loss = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none")
+        acc = (outputs.argmax(-1) == targets).float().mean(-1) * 100.0  # percent, as papers report
+        return {"loss": loss.view(targets.shape).mean(-1), "acc": acc}
+
+
+class Regression:
+    metrics = ("loss", "mse")
+    monitor = "mse"
+    monitor_mode = "min"
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(outputs, targets)
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        mse = (outputs - targets).pow(2).flatten(1).mean(-1)
+        return {"loss": mse, "mse": mse}
+
+
+OBJECTIVES: dict[str, type] = {"classification": Classification, "regression": Regression}
+
+
+def get_objective(task_type: str) -> Objective:
+    try:
+        return OBJECTIVES[task_type]()
+    except KeyError:
+        raise ValueError(f"unknown task_type {task_type!r}; known: {sorted(OBJECTIVES)}") from None
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% confidence interval over tasks."""
+    values = values.double()
+    n = values.numel()
+    std = values.std(unbiased=True).item() if n > 1 else 0.0
+    return values.mean().item(), 1.96 * std / n**0.5

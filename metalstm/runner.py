@@ -1,0 +1,217 @@
+"""What ``train.py`` and ``eval.py`` do: build everything from the config, run, write results."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metalstm.config import from_dict
+from metalstm.data import FewShotDataModule, build_datamodule
+from metalstm.errors import CheckpointError, ConfigError, MetalstmError
+from metalstm.learners import build_base_learner
+from metalstm.meta import build_meta_learner
+from metalstm.module import CHECKPOINT_FORMAT, MetaLearningModule, OptimConfig
+from metalstm.objectives import get_objective
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run ``task``; a MetalstmError becomes one clear message and exit code 2, its traceback goes to the log file."""
+    try:
+        return task(cfg)
+    except MetalstmError as e:
+        logging.getLogger("metalstm.traceback").error("%s", traceback.format_exc())
+        print(f"\nmetalstm error: {e}\n", file=sys.stderr)
+        sys.exit(2)
+
+
+def build(config: dict) -> tuple[MetaLearningModule, FewShotDataModule]:
+    """Module and data from a resolved config (plain dict): base learner + meta-learner + task source."""
+    datamodule = build_datamodule(config["data"], seed=config["seed"])
+    objective = get_objective(datamodule.source.task_type)
+    learner = build_base_learner(config["base_learner"])
+    meta_learner = build_meta_learner(config["meta_learner"], learner, objective.loss)
+    optim = from_dict(OptimConfig, config.get("optim", {}), "optim")
+    return MetaLearningModule(meta_learner, objective, optim, config=config), datamodule
+
+
+def check_accelerator(accelerator: str) -> None:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} asks for a GPU, but torch sees none (torch.cuda.is_available() is "
+            f"False; torch {torch.__version__}). Use trainer=cpu, or run on a machine with a CUDA GPU and a CUDA build of torch."
+        )
+
+
+def experiment_name() -> str:
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("experiment") or "default"
+    return "default"
+
+
+def instantiate_group(group: DictConfig | None, **auto: Any) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group; a value ``auto`` whose key is in ``auto`` is filled in."""
+    objects = []
+    for entry in (group or {}).values():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            objects.append(instantiate(entry, **{k: v for k, v in auto.items() if entry.get(k) == "auto"}))
+    return objects
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a crash mid-write leaves any previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def summary_line(summary: dict[str, float]) -> str:
+    n = int(summary.get("test/num_tasks", 0))
+    for metric, fmt in (("acc", "{:.2f}"), ("mse", "{:.4f}")):
+        if f"test/{metric}" in summary:
+            mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
+            return f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)} ({n} tasks)"
+    return f"no test metrics ({n} tasks)"
+
+
+def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, config: dict, **extra: Any) -> dict:
+    return {
+        "metrics": module.test_summary,
+        "num_tasks": int(module.test_summary.get("test/num_tasks", 0)),
+        "bn_policy": module.meta_learner.learner.bn_policy,
+        "experiment": config.get("experiment"),
+        "seed": config["seed"],
+        "meta_learner": config["meta_learner"]["name"],
+        "base_learner": config["base_learner"]["name"],
+        "data": datamodule.source.describe(),
+        "episode_seed": datamodule.episodes.episode_seed,
+        "torch": torch.__version__,
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Meta-train, then meta-test the best checkpoint on the fixed test tasks. Returns the best validation metric."""
+    started = time.time()
+    OmegaConf.set_struct(cfg, False)
+    cfg.experiment = experiment_name()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    output_dir = Path(config["paths"]["output_dir"])
+    check_accelerator(str(config["trainer"].get("accelerator", "auto")))
+    pl.seed_everything(config["seed"], workers=True, verbose=False)
+
+    module, datamodule = build(config)
+    objective = module.objective
+    callbacks = instantiate_group(cfg.get("callbacks"), monitor=f"val/{objective.monitor}", mode=objective.monitor_mode)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log.info("experiment %s: %s on %s, output in %s", config["experiment"], config["meta_learner"]["name"],
+             config["data"]["name"], output_dir)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("ckpt_path"))
+    train_seconds = time.time() - started
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    if trainer.global_rank != 0:
+        return None
+    best_score = checkpoint.best_model_score.item() if checkpoint is not None and checkpoint.best_model_score is not None else None
+    results = results_record(
+        module, datamodule, config,
+        checkpoint=os.path.relpath(best, output_dir) if best else None,
+        best_val={f"val/{objective.monitor}": best_score},
+        steps=trainer.global_step,
+        train_seconds=round(train_seconds, 1),
+        total_seconds=round(time.time() - started, 1),
+        device=str(module.device),
+    )
+    write_json(output_dir / "results.json", results)
+    line = summary_line(module.test_summary)
+    log.info("%s  [results: %s]", line, output_dir / "results.json")
+    print(line)
+    return best_score
+
+
+# --------------------------------------------------------------------------------------- eval
+
+
+def find_checkpoint(run_dir: str | None, ckpt_path: str | None) -> Path:
+    if ckpt_path:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist. Pass a .ckpt file of a metalstm run, or run_dir=<run folder>.")
+        return path
+    if not run_dir:
+        raise ConfigError("eval.py needs run_dir=<a train run folder, e.g. outputs/2026-01-01/12-00-00> or ckpt_path=<file.ckpt>.")
+    folder = Path(run_dir).expanduser()
+    for name in ("best.ckpt", "last.ckpt"):
+        if (folder / "checkpoints" / name).is_file():
+            return folder / "checkpoints" / name
+    raise CheckpointError(
+        f"No checkpoint in {folder / 'checkpoints'} (looked for best.ckpt and last.ckpt). Is run_dir the folder of a "
+        f"finished or interrupted train run (it holds .hydra/ and checkpoints/)?"
+    )
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A metalstm checkpoint, loaded without unpickling code (weights_only)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}).") from e
+    meta = checkpoint.get("metalstm") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"{path} is not a metalstm checkpoint (it has no 'metalstm' section with the run's config).")
+    if meta.get("format", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} was written by a newer metalstm (checkpoint format {meta['format']}, this one reads up to "
+            f"{CHECKPOINT_FORMAT}); upgrade metalstm to evaluate it."
+        )
+    return checkpoint
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Re-evaluate a trained run on its fixed test tasks (optionally with other data/test settings)."""
+    path = find_checkpoint(cfg.get("run_dir"), cfg.get("ckpt_path"))
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["metalstm"]["config"]
+    for group in ("data", "meta_learner"):
+        config[group].update({k: v for k, v in (cfg.get(group) or {}).items() if v is not None})
+    check_accelerator(cfg.accelerator)
+    module, datamodule = build(config)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the model its config describes ({str(e).splitlines()[0]}).") from e
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                         inference_mode=False, enable_model_summary=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    results = results_record(module, datamodule, config, checkpoint=str(path.resolve()),
+                             run_dir=str(path.resolve().parent.parent), device=str(module.device))
+    write_json(output_dir / "results.json", results)
+    line = summary_line(module.test_summary)
+    log.info("%s  [results: %s]", line, output_dir / "results.json")
+    print(line)
+    return results

@@ -1,0 +1,88 @@
+"""Every experiment and every config-group choice composes and instantiates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONFIG_DIR, fixture_overrides
+from metalstm.errors import ConfigError
+from metalstm.runner import build, check_accelerator, instantiate_group
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+    return cfg
+
+
+def test_defaults_list_has_no_experiment_placeholder():
+    defaults = OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
+    assert not any("experiment" in str(d) for d in defaults)
+
+
+def test_experiments_set_hyperparameters_only():
+    for name in EXPERIMENTS:
+        cfg = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
+        for key in ("logger", "callbacks", "paths", "hydra"):
+            assert key not in cfg, f"experiment {name} sets {key}"
+        trainer = cfg.get("trainer", {})
+        for key in ("accelerator", "devices", "strategy", "precision"):
+            assert key not in trainer, f"experiment {name} sets trainer.{key}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fixture, cache_dir):
+    cfg = compose_train([f"+experiment={experiment}"], tmp_path)
+    overrides = fixture_overrides(omniglot_fixture, cache_dir) if cfg.data.name == "omniglot" else []
+    cfg = compose_train([f"+experiment={experiment}", *overrides], tmp_path)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    module, datamodule = build(config)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.num_tasks == cfg.data.meta_batch_size
+    out = module.meta_learner.meta_loss(batch)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.query_outputs.shape[:2] == batch.query_x.shape[:2]
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks, monitor="val/acc", mode="max"),
+                          logger=instantiate_group(cfg.logger))
+    assert isinstance(trainer, pl.Trainer) and trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("group", ["logger", "callbacks", "trainer", "meta_learner", "base_learner", "data", "debug"])
+def test_every_group_choice_composes(group, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for choice in group_choices(group):
+        cfg = compose_train([f"{group}={choice}"], tmp_path)
+        if group == "logger":
+            assert instantiate_group(cfg.logger)
+        if group == "trainer" and cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="trainer=cpu"):
+                check_accelerator(cfg.trainer.accelerator)
+
+
+def test_fomaml_is_first_order_maml(tmp_path):
+    cfg = compose_train(["meta_learner=fomaml"], tmp_path)
+    assert cfg.meta_learner.name == "maml" and cfg.meta_learner.first_order is True
+
+
+def test_unknown_key_is_a_config_error(tmp_path):
+    cfg = compose_train(["+meta_learner.inner_lrr=0.1"], tmp_path)
+    with pytest.raises(ConfigError, match="meta_learner.inner_lrr"):
+        build(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_unknown_meta_learner_is_a_config_error(tmp_path):
+    cfg = compose_train(["meta_learner.name=mamlx"], tmp_path)
+    with pytest.raises(ConfigError, match="mamlx"):
+        build(OmegaConf.to_container(cfg, resolve=True))

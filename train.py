@@ -1,0 +1,14 @@
+"""Meta-train and meta-test: ``python train.py +experiment=omniglot_5way`` (see README)."""
+import hydra
+from omegaconf import DictConfig
+
+from metalstm.runner import run_cli, train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_cli(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
