@@ -1,0 +1,111 @@
+"""N-way K-shot episodes over a labelled image tensor (Omniglot, or any class-folder data set)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from metalstm.data.episodes import SPLITS, EpisodeBatch
+from metalstm.errors import ConfigError
+
+
+class ImageClassTasks:
+    """Samples classification episodes by index arithmetic on one uint8 tensor.
+
+    images: uint8 [num_classes, samples_per_class, channels, H, W], values 0..255.
+    split_classes: for each of train/val/test, the indices of its classes (pairwise disjoint).
+    rotate_splits: splits whose classes are augmented with 90/180/270-degree rotations,
+        each rotation counted as a new class (Santoro et al. 2016, Vinyals et al. 2016).
+    """
+
+    task_type = "classification"
+
+    def __init__(
+        self,
+        images: Tensor,
+        split_classes: dict[str, Tensor],
+        ways: int,
+        shots: int,
+        query: int,
+        eval_query: int,
+        rotate_splits: Sequence[str] = (),
+        info: dict | None = None,
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 5:
+            raise ValueError("images must be uint8 [classes, samples, channels, H, W]")
+        self.images, self.ways, self.shots = images, ways, shots
+        self.query, self.eval_query = query, eval_query
+        self.split_classes = {s: torch.as_tensor(c, dtype=torch.long) for s, c in split_classes.items()}
+        self.rotate_splits = tuple(rotate_splits)
+        self.info = info or {}
+        self._check()
+
+    def _check(self) -> None:
+        unknown = set(self.rotate_splits) - set(SPLITS)
+        if unknown:
+            raise ConfigError(f"data.rotate_splits has unknown split(s) {sorted(unknown)}; use any of {list(SPLITS)}.")
+        seen: set[int] = set()
+        for split in SPLITS:
+            ids = set(self.split_classes[split].tolist())
+            if ids & seen:
+                raise ValueError(f"split {split!r} shares classes with an earlier split")
+            seen |= ids
+        for key, value in (("ways", self.ways), ("shots", self.shots), ("query", self.query), ("eval_query", self.eval_query)):
+            if value < 1:
+                raise ConfigError(f"data.{key}={value} must be a positive integer.")
+        per_class = self.images.shape[1]
+        for split in SPLITS:
+            available = self.num_classes(split)
+            if self.ways > available:
+                raise ConfigError(
+                    f"data.ways={self.ways} is more than the {available} classes of the {split} split; "
+                    f"lower data.ways or choose a split with more classes."
+                )
+            need = self.shots + (self.query if split == "train" else self.eval_query)
+            key = "query" if split == "train" else "eval_query"
+            if need > per_class:
+                raise ConfigError(
+                    f"data.shots + data.{key} = {need} samples per class, but each class has only "
+                    f"{per_class}; lower data.shots or data.{key}."
+                )
+
+    def num_classes(self, split: str) -> int:
+        """Classes of a split, rotations counted as classes."""
+        return len(self.split_classes[split]) * (4 if split in self.rotate_splits else 1)
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
+        n_rot = 4 if split in self.rotate_splits else 1
+        classes = self.split_classes[split]
+        query = self.query if split == "train" else self.eval_query
+        per_task = self.shots + query
+        # ways distinct (class, rotation) pairs per task; their order is the task's label order
+        virtual = torch.rand(num_tasks, len(classes) * n_rot, generator=generator).argsort(1)[:, : self.ways]
+        base, rotation = classes[virtual // n_rot], virtual % n_rot  # [B, N]
+        draws = torch.rand(num_tasks, self.ways, self.images.shape[1], generator=generator).argsort(-1)[..., :per_task]
+        x = self.images[base.unsqueeze(-1), draws]  # [B, N, K+Q, C, H, W]
+        for k in range(1, n_rot):
+            mask = rotation == k
+            if mask.any():
+                x[mask] = torch.rot90(x[mask], k, dims=(-2, -1))
+        x = x.float().div_(255.0)
+        shape = x.shape[-3:]
+        labels = torch.arange(self.ways)
+        return EpisodeBatch(
+            support_x=x[:, :, : self.shots].reshape(num_tasks, -1, *shape),
+            support_y=labels.repeat_interleave(self.shots).expand(num_tasks, -1).contiguous(),
+            query_x=x[:, :, self.shots :].reshape(num_tasks, -1, *shape),
+            query_y=labels.repeat_interleave(query).expand(num_tasks, -1).contiguous(),
+        )
+
+    def describe(self) -> dict:
+        return {
+            **self.info,
+            "ways": self.ways,
+            "shots": self.shots,
+            "query": self.query,
+            "eval_query": self.eval_query,
+            "classes": {s: self.num_classes(s) for s in SPLITS},
+            "rotate_splits": list(self.rotate_splits),
+            "image_shape": list(self.images.shape[2:]),
+        }

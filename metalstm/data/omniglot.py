@@ -1,0 +1,281 @@
+"""Omniglot (Lake et al. 2015) from its official files.
+
+``root`` holds ``images_background.zip`` and ``images_evaluation.zip`` as downloaded from the
+official repository, or the folders they extract to. The first run decodes all 32,460 drawings,
+resizes them and stores one uint8 tensor (``omniglot_<size>px.pt``) beside the data, or in
+``~/.cache/metalstm`` when the data folder is read-only; later runs load it in about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metalstm.data.image_classes import ImageClassTasks
+from metalstm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+SOURCES = {  # name -> md5 of the official zip
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+DRAWINGS_PER_CHARACTER = 20
+CACHE_VERSION = 1
+SPLITS = ("vinyals", "random", "lake")
+
+
+@dataclass
+class OmniglotConfig:
+    root: str = "data/omniglot"
+    download: bool = True
+    cache_dir: str | None = None  # None: beside the data, or ~/.cache/metalstm if that is read-only
+    image_size: int = 28
+    invert: bool = True  # strokes 1, background 0
+    split: str = "vinyals"  # vinyals | random (1100/100/423 characters) | lake (background -> train/val)
+    split_seed: int = 0  # for the random and lake splits; independent of the training seed
+    rotate_splits: list[str] = field(default_factory=lambda: ["train"])
+    ways: int = 5
+    shots: int = 1
+    query: int = 15  # per class, meta-training
+    eval_query: int = 15  # per class, validation and test
+
+
+def build_omniglot(cfg: OmniglotConfig) -> ImageClassTasks:
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"data.split={cfg.split!r} is not an Omniglot split; choose one of {list(SPLITS)}.")
+    if cfg.image_size < 4:
+        raise ConfigError(f"data.image_size={cfg.image_size} is too small; use e.g. 28 (the standard).")
+    images, names = load_omniglot(Path(cfg.root).expanduser(), cfg.image_size, cfg.invert, cfg.download, cfg.cache_dir)
+    splits = split_characters(names, cfg.split, cfg.split_seed)
+    return ImageClassTasks(
+        images,
+        {s: torch.tensor(v) for s, v in splits.items()},
+        ways=cfg.ways,
+        shots=cfg.shots,
+        query=cfg.query,
+        eval_query=cfg.eval_query,
+        rotate_splits=cfg.rotate_splits,
+        info={"dataset": "omniglot", "split": cfg.split, "image_size": cfg.image_size, "root": str(cfg.root)},
+    )
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def find_sources(root: Path, download: bool) -> dict[str, Path]:
+    """The zip (preferred) or extracted folder of each official part, downloading if allowed."""
+    found, missing = {}, []
+    for name in SOURCES:
+        zip_path, folder = root / f"{name}.zip", root / name
+        if zip_path.is_file():
+            found[name] = zip_path
+        elif folder.is_dir():
+            found[name] = folder
+        else:
+            missing.append(name)
+    if missing and download:
+        for name in missing:
+            found[name] = download_zip(name, root)
+        missing = []
+    if missing:
+        raise DataError(
+            f"Omniglot not found: looked for {', '.join(f'{m}.zip' for m in missing)} (or the extracted "
+            f"folders) in {root.resolve()}. Point data.root at the folder that holds the official files "
+            f"(e.g. data.root=../shared/data/omniglot), or set data.download=true to fetch them from {BASE_URL}."
+        )
+    return found
+
+
+def download_zip(name: str, root: Path) -> Path:
+    """Fetch ``name``.zip into ``root`` via a temporary file, check its md5, then rename atomically."""
+    url, target = f"{BASE_URL}/{name}.zip", root / f"{name}.zip"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"Omniglot is not in {root} and cannot be downloaded there ({e.strerror}). Set data.root to a "
+            f"folder that holds images_background.zip and images_evaluation.zip, or to a writable folder."
+        ) from e
+    log.info("downloading %s -> %s", url, target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
+    md5 = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            while chunk := response.read(1 << 20):
+                md5.update(chunk)
+                out.write(chunk)
+        if md5.hexdigest() != SOURCES[name]:
+            raise DataError(
+                f"The download of {url} is corrupt (md5 {md5.hexdigest()}, expected {SOURCES[name]}); "
+                f"nothing was saved. Run again, or download it by hand into {root}."
+            )
+        os.replace(tmp_name, target)
+    except OSError as e:  # URLError is an OSError
+        raise DataError(
+            f"Omniglot is not in {root.resolve()} and downloading {url} failed ({getattr(e, 'reason', e)}). "
+            f"Without network, copy images_background.zip and images_evaluation.zip into that folder "
+            f"or point data.root at a folder that has them."
+        ) from e
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a zip, or of the (relative path, size) listing of an extracted folder."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    else:
+        for p in sorted(path.rglob("*.png")):
+            digest.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def read_drawings(source: Path, name: str) -> dict[str, list[tuple[str, bytes]]]:
+    """character key ('images_background/<Alphabet>/characterNN') -> sorted [(file name, png bytes)]."""
+    characters: dict[str, list[tuple[str, bytes]]] = {}
+    if source.is_file():
+        try:
+            with zipfile.ZipFile(source) as archive:
+                for member in archive.namelist():
+                    parts = member.split("/")
+                    if member.endswith(".png") and len(parts) == 4 and parts[0] == name:
+                        characters.setdefault("/".join(parts[:3]), []).append((parts[3], archive.read(member)))
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(
+                f"{source} is not a readable zip ({e}); it may be truncated. Delete it and download it again "
+                f"(data.download=true fetches it)."
+            ) from e
+    else:
+        for png in source.glob("*/*/*.png"):
+            key = f"{name}/{png.parent.parent.name}/{png.parent.name}"
+            characters.setdefault(key, []).append((png.name, png.read_bytes()))
+    if not characters:
+        raise DataError(f"{source} holds no drawings in the official layout ({name}/<Alphabet>/<character>/*.png).")
+    return {k: sorted(v) for k, v in characters.items()}
+
+
+def decode(png: bytes, size: int, invert: bool) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        pixels = np.asarray(image.convert("L").resize((size, size), Image.LANCZOS), dtype=np.uint8)
+    return 255 - pixels if invert else pixels
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+
+def load_omniglot(
+    root: Path, image_size: int, invert: bool, download: bool, cache_dir: str | None
+) -> tuple[torch.Tensor, list[str]]:
+    """uint8 images [1623, 20, 1, size, size] and the character keys, from cache when it is current."""
+    sources = find_sources(root, download)
+    stamp = {
+        "version": CACHE_VERSION,
+        "image_size": image_size,
+        "invert": invert,
+        "sources": {name: fingerprint(path) for name, path in sorted(sources.items())},
+    }
+    cache_name = f"omniglot_{image_size}px{'_inv' if invert else ''}.pt"
+    candidates = [Path(cache_dir).expanduser()] if cache_dir else [root, Path.home() / ".cache" / "metalstm"]
+    for folder in candidates:
+        path = folder / cache_name
+        if path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+                if cached.get("stamp") == stamp:
+                    log.info("Omniglot loaded from cache %s", path)
+                    return cached["images"], list(cached["characters"])
+                log.info("cache %s is stale (other source files or preprocessing); rebuilding", path)
+            except Exception as e:  # a damaged cache is rebuilt, never trusted
+                log.warning("cache %s is unreadable (%s); rebuilding", path, e)
+    images, characters = preprocess(sources, image_size, invert)
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not writable(folder):
+                continue
+            fd, tmp = tempfile.mkstemp(prefix=".omniglot.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            torch.save({"stamp": stamp, "images": images, "characters": characters}, tmp)
+            os.replace(tmp, folder / cache_name)
+            log.info("Omniglot preprocessed and cached at %s", folder / cache_name)
+            break
+        except OSError:
+            log.info("cannot write the cache in %s; trying the next place", folder)
+    return images, characters
+
+
+def writable(folder: Path) -> bool:
+    """Writable, and not marked read-only: a folder without write bits is left alone even by root."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def preprocess(sources: dict[str, Path], size: int, invert: bool) -> tuple[torch.Tensor, list[str]]:
+    log.info("preprocessing Omniglot to %dx%d (once; cached afterwards)", size, size)
+    characters, arrays = [], []
+    for name in SOURCES:
+        for key, drawings in sorted(read_drawings(sources[name], name).items()):
+            if len(drawings) != DRAWINGS_PER_CHARACTER:
+                raise DataError(
+                    f"{key} in {sources[name]} has {len(drawings)} drawings, expected {DRAWINGS_PER_CHARACTER}; "
+                    f"the file is incomplete. Replace it with the official download."
+                )
+            try:
+                arrays.append(np.stack([decode(png, size, invert) for _, png in drawings]))
+            except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+                raise DataError(f"a drawing of {key} in {sources[name]} is not a readable PNG ({e}); "
+                                f"replace the file with the official download.") from e
+            characters.append(key)
+    images = torch.from_numpy(np.stack(arrays)).unsqueeze(2)  # [characters, 20, 1, size, size]
+    return images, characters
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+
+def split_characters(characters: list[str], split: str, seed: int) -> dict[str, list[int]]:
+    """Indices into ``characters`` for train/val/test; the three sets are disjoint."""
+    index = {c: i for i, c in enumerate(characters)}
+    if split == "vinyals":
+        listing = json.loads(resources.files("metalstm.data").joinpath("splits/vinyals.json").read_text())
+        missing = [c for s in ("train", "val", "test") for c in listing[s] if c not in index]
+        if missing:
+            raise DataError(f"{len(missing)} characters of the Vinyals split are not in the data (e.g. {missing[0]}); "
+                            f"the Omniglot files are incomplete.")
+        return {s: [index[c] for c in listing[s]] for s in ("train", "val", "test")}
+    if split == "random":  # MAML's protocol: a seeded shuffle of all characters
+        order = list(range(len(characters)))
+        random.Random(seed).shuffle(order)
+        n_test = 423 * len(characters) // 1623
+        n_val = 100 * len(characters) // 1623
+        return {"train": order[: -(n_val + n_test)], "val": order[-(n_val + n_test) : -n_test], "test": order[-n_test:]}
+    # lake: evaluation alphabets are the test set; 5 seeded background alphabets validate
+    alphabet = lambda c: c.rsplit("/", 1)[0]  # noqa: E731
+    background = sorted({alphabet(c) for c in characters if c.startswith("images_background/")})
+    val_alphabets = set(random.Random(seed).sample(background, max(1, len(background) // 6)))
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, c in enumerate(characters):
+        if c.startswith("images_evaluation/"):
+            out["test"].append(i)
+        else:
+            out["val" if alphabet(c) in val_alphabets else "train"].append(i)
+    return out
