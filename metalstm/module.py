@@ -81,11 +81,15 @@ class MetaLearningModule(pl.LightningModule):
             self._per_task.setdefault(name, []).append(values.detach())
 
     def _gathered(self) -> dict[str, Tensor]:
+        """Per-task metrics of all ranks (each rank evaluated its own share of the tasks)."""
         per_task = {}
-        for name, chunks in self._per_task.items():
-            values = torch.cat(chunks)
-            if self.trainer.world_size > 1:
-                values = self.all_gather(values).flatten()
+        for name in self.objective.metrics:
+            values = torch.cat(self._per_task.get(name, [])) if name in self._per_task else torch.zeros(0, device=self.device)
+            if self.trainer.world_size > 1:  # ranks may hold one task more or less: pad, gather, unpad
+                longest = int(self.all_gather(torch.tensor(values.numel(), device=self.device)).max())
+                padded, valid = values.new_zeros(longest), torch.zeros(longest, dtype=torch.bool, device=self.device)
+                padded[: values.numel()], valid[: values.numel()] = values, True
+                values = self.all_gather(padded).flatten()[self.all_gather(valid).flatten()]
             per_task[name] = values.double().cpu()
         self._per_task = {}
         return per_task
@@ -98,7 +102,7 @@ class MetaLearningModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for name, values in self._gathered().items():
-            self.log(f"val/{name}", values.mean().item(), prog_bar=name != "loss", rank_zero_only=True)
+            self.log(f"val/{name}", values.mean().item(), prog_bar=name != "loss", sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._per_task = {}
@@ -114,7 +118,7 @@ class MetaLearningModule(pl.LightningModule):
             summary["test/num_tasks"] = values.numel()
         for key, value in summary.items():
             if math.isfinite(value):
-                self.log(key, value, rank_zero_only=True)
+                self.log(key, value, sync_dist=True)
         self.test_summary = summary
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -97,3 +97,17 @@ def test_eval_refuses_a_file_that_is_not_a_metalstm_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, fake)
     result = run_script("eval.py", f"ckpt_path={fake}", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "not a metalstm checkpoint" in result.stderr
+
+
+def test_ddp_on_cpu_counts_each_test_task_once(tmp_path):
+    """trainer=ddp with 2 CPU processes (gloo): one run folder, and the 2-rank test equals a 1-process eval."""
+    result = run_script("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=20",
+                        "trainer.val_check_interval=10", "data.meta_batch_size=24", "data.val_tasks=11",
+                        "data.test_tasks=51", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)  # exactly one folder: the second rank wrote into the first one's
+    line = next(l for l in result.stdout.splitlines() if l.startswith("test/mse ="))
+    assert line.endswith("(51 tasks)")
+    single = run_script("eval.py", f"run_dir={run}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert line in single.stdout

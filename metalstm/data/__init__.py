@@ -41,18 +41,27 @@ class FewShotDataModule(pl.LightningDataModule):
         super().__init__()
         self.source, self.episodes, self.seed = source, episodes, seed
 
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size if self.trainer else 1
+        if stage == "fit" and self.episodes.meta_batch_size % world:
+            raise ConfigError(
+                f"data.meta_batch_size={self.episodes.meta_batch_size} cannot be split evenly over {world} devices "
+                f"(each adapts an equal share of the tasks); choose a multiple of {world}."
+            )
+
     def train_dataloader(self) -> DataLoader:
         e = self.episodes
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        if e.meta_batch_size % world:
-            raise ConfigError(f"data.meta_batch_size={e.meta_batch_size} must be divisible by the {world} devices.")
         stream = TrainEpisodes(self.source, e.meta_batch_size // world, self.seed, rank)
         return DataLoader(stream, batch_size=None)
 
     def _fixed(self, split: str, num_tasks: int) -> DataLoader:
         e = self.episodes
-        return DataLoader(FixedEpisodes(self.source, split, num_tasks, e.eval_batch_size, e.episode_seed), batch_size=None)
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        episodes = FixedEpisodes(self.source, split, num_tasks, e.eval_batch_size, e.episode_seed, rank, world)
+        return DataLoader(episodes, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed("val", self.episodes.val_tasks)

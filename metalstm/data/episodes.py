@@ -70,14 +70,19 @@ class TrainEpisodes(IterableDataset):
 
 
 class FixedEpisodes(Dataset):
-    """``num_tasks`` fixed tasks of a split, served ``batch_size`` tasks at a time."""
+    """``num_tasks`` fixed tasks of a split, served ``batch_size`` tasks at a time.
 
-    def __init__(self, source: TaskSource, split: str, num_tasks: int, batch_size: int, seed: int):
-        self.source, self.split, self.num_tasks, self.seed = source, split, num_tasks, seed
-        self.batch_size = min(batch_size, num_tasks)
+    With several devices, rank ``r`` of ``world`` serves tasks r, r + world, ...: each task once.
+    """
+
+    def __init__(self, source: TaskSource, split: str, num_tasks: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.source, self.split, self.seed = source, split, seed
+        self.indices = range(rank, num_tasks, world)
+        self.batch_size = max(1, min(batch_size, len(self.indices)))
 
     def __len__(self) -> int:
-        return -(-self.num_tasks // self.batch_size)
+        return -(-len(self.indices) // self.batch_size)
 
     def task(self, index: int) -> EpisodeBatch:
         generator = torch.Generator().manual_seed(task_seed(self.seed, self.split, index))
@@ -87,5 +92,4 @@ class FixedEpisodes(Dataset):
         if not 0 <= batch_index < len(self):
             raise IndexError(batch_index)
         start = batch_index * self.batch_size
-        stop = min(start + self.batch_size, self.num_tasks)
-        return stack_episodes([self.task(i) for i in range(start, stop)])
+        return stack_episodes([self.task(i) for i in self.indices[start : start + self.batch_size]])
