@@ -27,7 +27,7 @@ def test_download_checks_md5_and_saves_nothing_when_it_differs(mirror, tmp_path)
     root = tmp_path / "fresh"
     with pytest.raises(DataError, match="corrupt.*nothing was saved"):
         omniglot.find_sources(root, download=True)  # the fixture's md5 is not the official one
-    assert list(root.iterdir()) == []  # no partial file left behind
+    assert not root.exists()  # no partial file, and not even the folder, left behind
 
 
 def test_download_lands_files_atomically(mirror, tmp_path, monkeypatch):
@@ -40,8 +40,10 @@ def test_download_lands_files_atomically(mirror, tmp_path, monkeypatch):
 
 def test_offline_download_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(omniglot, "BASE_URL", "http://127.0.0.1:9/omniglot")  # nothing listens on port 9
+    (tmp_path / "mine.txt").write_text("a user's file")
     with pytest.raises(DataError, match="downloading .* failed.*copy images_background.zip"):
         omniglot.find_sources(tmp_path, download=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
 def test_extracted_folders_read_like_the_zips(omniglot_fixture, tmp_path):

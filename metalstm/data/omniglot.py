@@ -104,6 +104,7 @@ def find_sources(root: Path, download: bool) -> dict[str, Path]:
 def download_zip(name: str, root: Path) -> Path:
     """Fetch ``name``.zip into ``root`` via a temporary file, check its md5, then rename atomically."""
     url, target = f"{BASE_URL}/{name}.zip", root / f"{name}.zip"
+    created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -134,6 +135,8 @@ def download_zip(name: str, root: Path) -> Path:
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if created and not any(root.iterdir()):
+            root.rmdir()  # leave no empty folder behind a failed download
     return target
 
 
