@@ -48,11 +48,13 @@ class MetaLearningModule(pl.LightningModule):
         self.test_summary: dict[str, float] = {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.meta_learner.parameters(), lr=self.optim.meta_lr)
+        return self.meta_learner.outer_optimizer(self.optim.meta_lr)
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         opt.zero_grad()
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        self.meta_learner.progress = min(1.0, self.global_step / max_steps) if max_steps else 0.0
         out = self.meta_learner.meta_loss(batch)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(

@@ -44,8 +44,9 @@ def build(config: dict) -> tuple[MetaLearningModule, FewShotDataModule]:
     """Module and data from a resolved config (plain dict): base learner + meta-learner + task source."""
     datamodule = build_datamodule(config["data"], seed=config["seed"])
     objective = get_objective(datamodule.source.task_type)
-    learner = build_base_learner(config["base_learner"])
-    meta_learner = build_meta_learner(config["meta_learner"], learner, objective.loss)
+    spec = datamodule.source.spec
+    learner = build_base_learner(config["base_learner"], spec)
+    meta_learner = build_meta_learner(config["meta_learner"], learner, objective.loss, spec)
     optim = from_dict(OptimConfig, config.get("optim", {}), "optim")
     return MetaLearningModule(meta_learner, objective, optim, config=config), datamodule
 

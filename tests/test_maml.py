@@ -11,8 +11,9 @@ from metalstm.objectives import Regression
 
 def tiny_problem(first_order: bool, steps: int = 2) -> tuple[MAML, EpisodeBatch]:
     torch.manual_seed(0)
-    learner = MLP(MLPConfig(in_features=1, out_features=1, hidden=[6])).double()
-    maml = MAML(learner, Regression().loss, MAMLConfig(inner_lr=0.1, inner_steps=steps, first_order=first_order))
+    spec = {"task_type": "regression", "input_shape": (1,), "output_dim": 1}
+    learner = MLP(MLPConfig(hidden=[6]), spec).double()
+    maml = MAML(learner, Regression().loss, spec, MAMLConfig(inner_lr=0.1, inner_steps=steps, first_order=first_order))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 1, generator=g, dtype=torch.float64)
     batch = EpisodeBatch(x[:, :4], torch.sin(3 * x[:, :4]), x[:, 4:], torch.sin(3 * x[:, 4:]))

@@ -31,10 +31,12 @@ class ImageClassTasks:
         eval_query: int,
         rotate_splits: Sequence[str] = (),
         info: dict | None = None,
+        train_shots: int | None = None,
     ):
         if images.dtype != torch.uint8 or images.dim() != 5:
             raise ValueError("images must be uint8 [classes, samples, channels, H, W]")
         self.images, self.ways, self.shots = images, ways, shots
+        self.train_shots = shots if train_shots is None else train_shots
         self.query, self.eval_query = query, eval_query
         self.split_classes = {s: torch.as_tensor(c, dtype=torch.long) for s, c in split_classes.items()}
         self.rotate_splits = tuple(rotate_splits)
@@ -51,7 +53,8 @@ class ImageClassTasks:
             if ids & seen:
                 raise ValueError(f"split {split!r} shares classes with an earlier split")
             seen |= ids
-        for key, value in (("ways", self.ways), ("shots", self.shots), ("query", self.query), ("eval_query", self.eval_query)):
+        for key, value in (("ways", self.ways), ("shots", self.shots), ("train_shots", self.train_shots),
+                           ("query", self.query), ("eval_query", self.eval_query)):
             if value < 1:
                 raise ConfigError(f"data.{key}={value} must be a positive integer.")
         per_class = self.images.shape[1]
@@ -62,13 +65,17 @@ class ImageClassTasks:
                     f"data.ways={self.ways} is more than the {available} classes of the {split} split; "
                     f"lower data.ways or choose a split with more classes."
                 )
-            need = self.shots + (self.query if split == "train" else self.eval_query)
-            key = "query" if split == "train" else "eval_query"
-            if need > per_class:
+            shots, key = (self.train_shots, "train_shots") if split == "train" else (self.shots, "shots")
+            query, q_key = (self.query, "query") if split == "train" else (self.eval_query, "eval_query")
+            if shots + query > per_class:
                 raise ConfigError(
-                    f"data.shots + data.{key} = {need} samples per class, but each class has only "
-                    f"{per_class}; lower data.shots or data.{key}."
+                    f"data.{key} + data.{q_key} = {shots + query} samples per class, but each class has only "
+                    f"{per_class}; lower data.{key} or data.{q_key}."
                 )
+
+    @property
+    def spec(self) -> dict:
+        return {"task_type": self.task_type, "input_shape": tuple(self.images.shape[2:]), "output_dim": self.ways}
 
     def num_classes(self, split: str) -> int:
         """Classes of a split, rotations counted as classes."""
@@ -77,8 +84,8 @@ class ImageClassTasks:
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
         n_rot = 4 if split in self.rotate_splits else 1
         classes = self.split_classes[split]
-        query = self.query if split == "train" else self.eval_query
-        per_task = self.shots + query
+        shots, query = (self.train_shots, self.query) if split == "train" else (self.shots, self.eval_query)
+        per_task = shots + query
         # ways distinct (class, rotation) pairs per task; their order is the task's label order
         virtual = torch.rand(num_tasks, len(classes) * n_rot, generator=generator).argsort(1)[:, : self.ways]
         base, rotation = classes[virtual // n_rot], virtual % n_rot  # [B, N]
@@ -92,9 +99,9 @@ class ImageClassTasks:
         shape = x.shape[-3:]
         labels = torch.arange(self.ways)
         return EpisodeBatch(
-            support_x=x[:, :, : self.shots].reshape(num_tasks, -1, *shape),
-            support_y=labels.repeat_interleave(self.shots).expand(num_tasks, -1).contiguous(),
-            query_x=x[:, :, self.shots :].reshape(num_tasks, -1, *shape),
+            support_x=x[:, :, :shots].reshape(num_tasks, -1, *shape),
+            support_y=labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous(),
+            query_x=x[:, :, shots:].reshape(num_tasks, -1, *shape),
             query_y=labels.repeat_interleave(query).expand(num_tasks, -1).contiguous(),
         )
 
@@ -103,6 +110,7 @@ class ImageClassTasks:
             **self.info,
             "ways": self.ways,
             "shots": self.shots,
+            "train_shots": self.train_shots,
             "query": self.query,
             "eval_query": self.eval_query,
             "classes": {s: self.num_classes(s) for s in SPLITS},

@@ -51,6 +51,7 @@ class OmniglotConfig:
     rotate_splits: list[str] = field(default_factory=lambda: ["train"])
     ways: int = 5
     shots: int = 1
+    train_shots: int | None = None  # support shots in meta-training (Reptile uses more); None: = shots
     query: int = 15  # per class, meta-training
     eval_query: int = 15  # per class, validation and test
 
@@ -69,6 +70,7 @@ def build_omniglot(cfg: OmniglotConfig) -> ImageClassTasks:
         shots=cfg.shots,
         query=cfg.query,
         eval_query=cfg.eval_query,
+        train_shots=cfg.train_shots,
         rotate_splits=cfg.rotate_splits,
         info={"dataset": "omniglot", "split": cfg.split, "image_size": cfg.image_size, "root": str(cfg.root)},
     )

@@ -37,6 +37,10 @@ class SinusoidTasks:
                 raise ConfigError(f"data.{key}=[{low}, {high}] must be an interval [low, high] with low < high.")
         self.cfg = cfg
 
+    @property
+    def spec(self) -> dict:
+        return {"task_type": self.task_type, "input_shape": (1,), "output_dim": 1}
+
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
         c = self.cfg
         query = c.query if split == "train" else c.eval_query

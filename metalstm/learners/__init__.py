@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from metalstm.config import from_dict
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, Params
+from metalstm.learners.base import BaseLearner, Params, TaskSpec
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
 
@@ -17,13 +17,13 @@ BASE_LEARNERS: dict[str, tuple[type, type[BaseLearner]]] = {
 }
 
 
-def build_base_learner(cfg: dict) -> BaseLearner:
+def build_base_learner(cfg: dict, spec: TaskSpec) -> BaseLearner:
     cfg = dict(cfg)
     name = cfg.pop("name", None)
     if name not in BASE_LEARNERS:
         raise ConfigError(f"base_learner.name={name!r} is not a known base learner; choose one of {sorted(BASE_LEARNERS)}.")
     config_class, learner_class = BASE_LEARNERS[name]
-    return learner_class(from_dict(config_class, cfg, "base_learner"))
+    return learner_class(from_dict(config_class, cfg, "base_learner"), spec)
 
 
-__all__ = ["BASE_LEARNERS", "BaseLearner", "Params", "build_base_learner"]
+__all__ = ["BASE_LEARNERS", "BaseLearner", "Params", "TaskSpec", "build_base_learner"]

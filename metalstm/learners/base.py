@@ -1,26 +1,48 @@
 """The functional interface every base learner offers to every meta-learner."""
 from __future__ import annotations
 
+from typing import TypedDict
+
 from torch import Tensor, nn
 from torch.func import functional_call
 
 Params = dict[str, Tensor]
 
 
+class TaskSpec(TypedDict):
+    """What a data set tells a base learner about its tasks (plain data, no imports either way)."""
+
+    task_type: str  # "classification" | "regression"
+    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28) or (1,)
+    output_dim: int  # ways for classification, target size for regression
+
+
 class BaseLearner(nn.Module):
     """A network whose parameters live in a dict and whose forward runs on any such dict.
 
     Meta-learners read the meta-learned initialisation with ``params()`` and run adapted
-    copies with ``forward_with(params, x)``; nothing in a meta-learner depends on the layers.
+    copies with ``forward_with(params, x)`` (outputs [n, output_dim]) or ``embed_with(params, x)``
+    (penultimate features [n, embed_dim]); nothing in a meta-learner depends on the layers.
+    Subclasses define ``body`` (x -> features) and ``head`` (features -> outputs).
     BatchNorm layers keep no running statistics: each forward normalises with the statistics
-    of its own batch (``bn_policy`` below), so adapted copies never share hidden state.
+    of its own batch (``bn_policy``), so adapted copies never share hidden state.
     """
 
     bn_policy = "none"  # "transductive": each forward's own batch statistics, at train and test alike
+    embed_dim: int
+    body: nn.Module
+    head: nn.Module
 
     def params(self) -> Params:
         """The meta-learned parameters (leaves), keyed by name."""
         return dict(self.named_parameters())
 
+    def forward(self, x: Tensor, embed: bool = False) -> Tensor:
+        features = self.body(x)
+        return features if embed else self.head(features)
+
     def forward_with(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self, params, (x,))
+
+    def embed_with(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self, params, (x,), {"embed": True})

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner
+from metalstm.learners.base import BaseLearner, TaskSpec
 
 
 @dataclass
 class Conv4Config:
-    in_channels: int = 1
-    image_size: int = 28
-    out_features: int = 5
     filters: int = 64
     blocks: int = 4
     norm: str = "batch"  # batch (transductive batch statistics) | none
@@ -21,22 +18,30 @@ class Conv4Config:
 
 
 class Conv4(BaseLearner):
-    """x [n, C, H, W] -> logits [n, out_features]."""
+    """x [n, C, H, W] -> outputs [n, spec output_dim]; channels and size come from the task spec."""
 
-    def __init__(self, cfg: Conv4Config):
+    def __init__(self, cfg: Conv4Config, spec: TaskSpec):
         super().__init__()
+        if len(spec["input_shape"]) != 3:
+            raise ConfigError(
+                f"base_learner=conv4 needs image inputs [channels, height, width], but this data set's examples "
+                f"have shape {list(spec['input_shape'])}; use base_learner=mlp."
+            )
+        in_channels, image_size, width = spec["input_shape"]
+        if image_size != width:
+            raise ConfigError(f"base_learner=conv4 needs square images, got {image_size}x{width}.")
         if cfg.norm not in ("batch", "none"):
             raise ConfigError(f"base_learner.norm={cfg.norm!r}; choose batch or none.")
         if cfg.downsample not in ("stride", "maxpool"):
             raise ConfigError(f"base_learner.downsample={cfg.downsample!r}; choose stride or maxpool.")
-        if cfg.image_size < 2**cfg.blocks:
+        if cfg.downsample == "maxpool" and image_size < 2**cfg.blocks:
             raise ConfigError(
-                f"base_learner.image_size={cfg.image_size} is too small for {cfg.blocks} downsampling blocks; "
-                f"use at least {2**cfg.blocks} or fewer blocks."
+                f"{image_size}x{image_size} images are too small for {cfg.blocks} max-pooling blocks; "
+                f"use fewer base_learner.blocks or larger data.image_size."
             )
         self.bn_policy = "transductive" if cfg.norm == "batch" else "none"
         layers: list[nn.Module] = []
-        channels, size = cfg.in_channels, cfg.image_size
+        channels, size = in_channels, image_size
         for _ in range(cfg.blocks):
             stride = 2 if cfg.downsample == "stride" else 1
             layers.append(nn.Conv2d(channels, cfg.filters, 3, stride=stride, padding=1))
@@ -49,8 +54,6 @@ class Conv4(BaseLearner):
             else:
                 size = (size + 1) // 2
             channels = cfg.filters
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(channels * size * size, cfg.out_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.embed_dim = channels * size * size
+        self.head = nn.Linear(self.embed_dim, spec["output_dim"])

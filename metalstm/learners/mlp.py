@@ -1,35 +1,32 @@
 """A fully connected network; 1-40-40-1 is MAML's sinusoid regressor."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from torch import Tensor, nn
+from torch import nn
 
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner
+from metalstm.learners.base import BaseLearner, TaskSpec
 
 
 @dataclass
 class MLPConfig:
-    in_features: int = 1
-    out_features: int = 1
     hidden: list[int] = field(default_factory=lambda: [40, 40])
 
 
 class MLP(BaseLearner):
-    """x [n, *in] (flattened to in_features) -> [n, out_features]."""
+    """x [n, *input_shape] (flattened) -> [n, spec output_dim]; embedding = last hidden layer."""
 
-    def __init__(self, cfg: MLPConfig):
+    def __init__(self, cfg: MLPConfig, spec: TaskSpec):
         super().__init__()
-        if any(h < 1 for h in cfg.hidden):
-            raise ConfigError(f"base_learner.hidden={list(cfg.hidden)} must hold positive layer widths.")
+        if not cfg.hidden or any(h < 1 for h in cfg.hidden):
+            raise ConfigError(f"base_learner.hidden={list(cfg.hidden)} must hold one or more positive layer widths.")
         layers: list[nn.Module] = [nn.Flatten()]
-        width = cfg.in_features
+        width = math.prod(spec["input_shape"])
         for h in cfg.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        layers.append(nn.Linear(width, cfg.out_features))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        self.body = nn.Sequential(*layers)
+        self.embed_dim = width
+        self.head = nn.Linear(width, spec["output_dim"])

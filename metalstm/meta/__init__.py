@@ -5,22 +5,36 @@ from __future__ import annotations
 
 from metalstm.config import from_dict
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner
+from metalstm.learners.base import BaseLearner, TaskSpec
 from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
+from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
 from metalstm.meta.maml import MAML, MAMLConfig
+from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
+from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
+from metalstm.meta.reptile import Reptile, ReptileConfig
 
 META_LEARNERS: dict[str, tuple[type, type[MetaLearner]]] = {
     "maml": (MAMLConfig, MAML),
+    "reptile": (ReptileConfig, Reptile),
+    "lstm_optimizer": (LSTMOptimizerConfig, LSTMOptimizer),
+    "memory_lstm": (MemoryLSTMConfig, MemoryLSTM),
+    "protonet": (ProtoNetConfig, ProtoNet),
 }
 
 
-def build_meta_learner(cfg: dict, learner: BaseLearner, loss_fn: LossFn) -> MetaLearner:
+def build_meta_learner(cfg: dict, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec) -> MetaLearner:
+    """A meta-learner for ``learner`` on tasks described by ``spec``; a meaningless combination is a ConfigError."""
     cfg = dict(cfg)
     name = cfg.pop("name", None)
     if name not in META_LEARNERS:
         raise ConfigError(f"meta_learner.name={name!r} is not a known meta-learner; choose one of {sorted(META_LEARNERS)}.")
     config_class, meta_class = META_LEARNERS[name]
-    return meta_class(learner, loss_fn, from_dict(config_class, cfg, "meta_learner"))
+    if spec["task_type"] not in meta_class.task_types:
+        raise ConfigError(
+            f"meta_learner={name} learns {' or '.join(meta_class.task_types)} tasks, but this data set's tasks are "
+            f"{spec['task_type']}; choose another meta-learner or data set."
+        )
+    return meta_class(learner, loss_fn, spec, from_dict(config_class, cfg, "meta_learner"))
 
 
 __all__ = ["META_LEARNERS", "MetaLearner", "MetaOutput", "build_meta_learner"]

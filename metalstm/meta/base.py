@@ -5,10 +5,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from metalstm.data.episodes import EpisodeBatch
-from metalstm.learners.base import BaseLearner
+from metalstm.learners.base import BaseLearner, TaskSpec
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs [n, out], targets [n(, out)]) -> scalar
 
@@ -25,9 +26,16 @@ class MetaLearner(nn.Module, ABC):
     it never imports a data set or a concrete network.
     """
 
-    def __init__(self, learner: BaseLearner, loss_fn: LossFn):
+    task_types: tuple[str, ...] = ("classification", "regression")  # what it can learn
+
+    def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec):
         super().__init__()
-        self.learner, self.loss_fn = learner, loss_fn
+        self.learner, self.loss_fn, self.spec = learner, loss_fn, spec
+        self.progress = 0.0  # fraction of meta-training done, set by the module (for annealing)
+
+    def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
+        """The optimizer of the meta-parameters; Adam unless the algorithm prescribes another."""
+        return torch.optim.Adam(self.parameters(), lr=meta_lr)
 
     @abstractmethod
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:

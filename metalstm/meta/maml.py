@@ -15,7 +15,7 @@ from torch import Tensor
 
 from metalstm.data.episodes import EpisodeBatch
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, Params
+from metalstm.learners.base import BaseLearner, Params, TaskSpec
 from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
 
 
@@ -28,8 +28,8 @@ class MAMLConfig:
 
 
 class MAML(MetaLearner):
-    def __init__(self, learner: BaseLearner, loss_fn: LossFn, cfg: MAMLConfig):
-        super().__init__(learner, loss_fn)
+    def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec, cfg: MAMLConfig):
+        super().__init__(learner, loss_fn, spec)
         if cfg.inner_lr <= 0:
             raise ConfigError(f"meta_learner.inner_lr={cfg.inner_lr} must be positive.")
         if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:

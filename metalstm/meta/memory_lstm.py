@@ -1,0 +1,82 @@
+"""Memory-based meta-learning (Hochreiter et al. 2001; Santoro et al. 2016): learning in the activations.
+
+The support set is read as a sequence of (embedding of x_t, label of x_t); the LSTM's state after
+it holds what the task is. Each query x_q then takes one step from that state with an empty label
+slot and the state is read out as its prediction — every query position is predicted, each
+independently of the others. The embedding is the base learner's ``embed_with`` (Conv-4 for
+images, the MLP's last hidden layer for sinusoid); no gradient step adapts anything at test time.
+With ``attention`` a SNAIL-style (Mishra et al. 2018) soft attention lets each query also read the
+LSTM outputs at every support position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalstm.data.episodes import EpisodeBatch
+from metalstm.errors import ConfigError
+from metalstm.meta.base import MetaLearner, MetaOutput
+
+
+@dataclass
+class MemoryLSTMConfig:
+    hidden: int = 128
+    layers: int = 1
+    attention: bool = False
+    shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
+
+
+class MemoryLSTM(MetaLearner):
+    def __init__(self, learner, loss_fn, spec, cfg: MemoryLSTMConfig):
+        super().__init__(learner, loss_fn, spec)
+        if cfg.hidden < 1 or cfg.layers < 1:
+            raise ConfigError("meta_learner.hidden and meta_learner.layers must be >= 1.")
+        self.cfg = cfg
+        self.classification = spec["task_type"] == "classification"
+        self.label_dim = spec["output_dim"]
+        self.lstm = nn.LSTM(learner.embed_dim + self.label_dim, cfg.hidden, cfg.layers, batch_first=True)
+        readout = cfg.hidden
+        if cfg.attention:
+            self.attend_query = nn.Linear(cfg.hidden, cfg.hidden)
+            self.attend_key = nn.Linear(cfg.hidden, cfg.hidden)
+            readout *= 2
+        self.readout = nn.Linear(readout, spec["output_dim"])
+
+    def embed(self, x: Tensor) -> Tensor:
+        """[B, n, ...] -> [B, n, d], one forward per task so no statistics are shared across tasks."""
+        return torch.stack([self.learner.embed_with(self.learner.params(), task) for task in x])
+
+    def label_slot(self, y: Tensor) -> Tensor:
+        return F.one_hot(y, self.label_dim).float() if self.classification else y.float()
+
+    def forward_tasks(self, batch: EpisodeBatch, generator: torch.Generator | None) -> Tensor:
+        """All query outputs [B, n_q, out] of a batch of tasks."""
+        sx, sy, qx, _ = batch
+        if self.cfg.shuffle_support:
+            order = torch.rand(sy.shape[:2], generator=generator).argsort(1).to(sy.device)
+            sx = sx.gather(1, order.view(*order.shape, *[1] * (sx.dim() - 2)).expand_as(sx))
+            sy = sy.gather(1, order.view(*order.shape, *[1] * (sy.dim() - 2)).expand_as(sy))
+        z = self.embed(torch.cat([sx, qx], 1))
+        z_support, z_query = z[:, : sx.shape[1]], z[:, sx.shape[1] :]
+        support_out, (h, c) = self.lstm(torch.cat([z_support, self.label_slot(sy)], -1))
+        b, n_q = z_query.shape[:2]
+        # each query: one step from the state after the support set, label slot empty
+        query_in = torch.cat([z_query, z_query.new_zeros(b, n_q, self.label_dim)], -1).reshape(b * n_q, 1, -1)
+        state = (h.repeat_interleave(n_q, 1), c.repeat_interleave(n_q, 1))
+        read = self.lstm(query_in, state)[0].view(b, n_q, -1)
+        if self.cfg.attention:
+            scores = self.attend_query(read) @ self.attend_key(support_out).transpose(1, 2) / self.cfg.hidden**0.5
+            read = torch.cat([read, scores.softmax(-1) @ support_out], -1)
+        return self.readout(read)
+
+    def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+        outputs = self.forward_tasks(batch, None)
+        loss = torch.stack([self.loss_fn(o, y) for o, y in zip(outputs, batch.query_y)]).mean()
+        return MetaOutput(loss, outputs.detach())
+
+    def predict(self, batch: EpisodeBatch) -> Tensor:
+        with torch.no_grad():
+            return self.forward_tasks(batch, torch.Generator().manual_seed(0))
