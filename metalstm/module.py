@@ -16,10 +16,15 @@ from metalstm.objectives import Objective, mean_ci95
 CHECKPOINT_FORMAT = 1
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class OptimConfig:
     meta_lr: float = 1e-3  # Adam step size of the outer loop
     grad_clip: float | None = None  # max L2 norm of the meta-gradient (clipped inside the step)
+    lr_schedule: str = "constant"  # constant | cosine (from meta_lr to min_lr over trainer.max_steps)
+    min_lr: float = 0.0
 
 
 class TrainingDiverged(MetalstmError):
@@ -38,6 +43,8 @@ class MetaLearningModule(pl.LightningModule):
         super().__init__()
         if optim.meta_lr <= 0:
             raise ConfigError(f"optim.meta_lr={optim.meta_lr} must be positive.")
+        if optim.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"optim.lr_schedule={optim.lr_schedule!r}; choose one of {list(SCHEDULES)}.")
         if optim.grad_clip is not None and optim.grad_clip <= 0:
             raise ConfigError(f"optim.grad_clip={optim.grad_clip} must be positive (or null for no clipping).")
         self.automatic_optimization = False
@@ -47,8 +54,14 @@ class MetaLearningModule(pl.LightningModule):
         self._per_task: dict[str, list[Tensor]] = {}
         self.test_summary: dict[str, float] = {}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.meta_learner.outer_optimizer(self.optim.meta_lr)
+    def configure_optimizers(self):
+        optimizer = self.meta_learner.outer_optimizer(self.optim.meta_lr)
+        if self.optim.lr_schedule == "constant":
+            return optimizer
+        if self.trainer.max_steps <= 0:
+            raise ConfigError("optim.lr_schedule=cosine needs trainer.max_steps (the length of the schedule).")
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_steps, eta_min=self.optim.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         opt = self.optimizers()
@@ -67,6 +80,8 @@ class MetaLearningModule(pl.LightningModule):
         if self.optim.grad_clip is not None:
             self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
+        if self.optim.lr_schedule != "constant":
+            self.lr_schedulers().step()
         metrics = self.objective.task_metrics(out.query_outputs, batch.query_y)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=batch.num_tasks)
         for name, values in metrics.items():

@@ -86,3 +86,21 @@ def test_unknown_meta_learner_is_a_config_error(tmp_path):
     cfg = compose_train(["meta_learner.name=mamlx"], tmp_path)
     with pytest.raises(ConfigError, match="mamlx"):
         build(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_cosine_meta_lr_schedule_ends_at_min_lr(tmp_path):
+    cfg = compose_train(["optim.lr_schedule=cosine", "optim.min_lr=0.0001", "data.val_tasks=2", "data.test_tasks=2"], tmp_path)
+    module, datamodule = build(OmegaConf.to_container(cfg, resolve=True))
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule)
+    lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
+    assert lrs == [pytest.approx(0.0001)]
+
+
+def test_cosine_schedule_needs_max_steps(tmp_path):
+    cfg = compose_train(["optim.lr_schedule=cosine", "trainer.max_steps=-1"], tmp_path)
+    module, datamodule = build(OmegaConf.to_container(cfg, resolve=True))
+    trainer = pl.Trainer(max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        trainer.fit(module, datamodule=datamodule)

@@ -56,7 +56,7 @@ def test_first_order_differs_from_second_order_and_equals_query_gradient_at_adap
     expected = torch.zeros_like(fo)
     for sx, sy, qx, qy in zip(*batch):
         theta = {k: v.detach().requires_grad_() for k, v in maml.learner.params().items()}
-        phi = {k: v.detach().requires_grad_() for k, v in maml.adapt(theta, sx, sy, 2, create_graph=False).items()}
+        phi = {k: v.detach().requires_grad_() for k, v in maml.adapt(theta, sx, sy, 2, create_graph=False)[0].items()}
         loss = maml.loss_fn(maml.learner.forward_with(phi, qx), qy)
         expected += torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(phi.values()))]) / 2
     assert torch.allclose(fo, expected, rtol=1e-9, atol=1e-12)
@@ -81,3 +81,79 @@ def test_predict_adapts_without_touching_the_meta_parameters():
     assert not torch.allclose(adapted, unadapted)
     assert all(torch.equal(a, b) for a, b in zip(before, maml.parameters()))
     assert all(p.grad is None for p in maml.parameters())
+
+
+# ------------------------------------------------------------------ MAML++ options
+
+
+def conv_problem(**options) -> tuple[MAML, EpisodeBatch]:
+    from metalstm.learners.conv4 import Conv4, Conv4Config
+    from metalstm.objectives import Classification
+
+    torch.manual_seed(0)
+    spec = {"task_type": "classification", "input_shape": (1, 8, 8), "output_dim": 3}
+    learner = Conv4(Conv4Config(filters=4, blocks=2), spec)
+    maml = MAML(learner, Classification().loss, spec, MAMLConfig(inner_lr=0.1, inner_steps=3, **options))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 9, 1, 8, 8, generator=g)
+    y = torch.arange(3).repeat(3).expand(2, -1)
+    return maml, EpisodeBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+
+
+def test_learned_rates_start_exactly_as_maml():
+    """LSLR and Meta-SGD rates start at inner_lr: the first meta-loss is MAML's."""
+    plain, batch = conv_problem()
+    reference = plain.meta_loss(batch).loss
+    for options in ({"learned_lr": "per_layer_per_step"}, {"learned_lr": "per_parameter"}):
+        maml, _ = conv_problem(**options)
+        assert torch.allclose(maml.meta_loss(batch).loss, reference, atol=1e-6), options
+
+
+def test_per_step_norms_start_as_the_learners_and_are_not_adapted():
+    maml, batch = conv_problem(per_step_bn=True)
+    theta = maml.learner.params()
+    x = batch.support_x[0]
+    for step in range(4):
+        assert torch.equal(maml.learner.forward_with(maml.with_step_norms(theta, step), x), maml.learner(x))
+    assert maml.norm_names and not maml.norm_names & set(maml.adapted)
+
+
+def test_learned_inner_rates_and_step_norms_are_meta_learned():
+    maml, batch = conv_problem(learned_lr="per_layer_per_step", per_step_bn=True)
+    maml.meta_loss(batch).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in maml.inner_lrs.values())
+    assert all(p.shape[0] == 3 for p in maml.inner_lrs.values())  # one rate per step
+    assert all(p.grad is not None and p.shape[0] == 4 for p in maml.step_norms.values())  # S + 1 passes
+    learner_bn = [p for n, p in maml.learner.named_parameters() if n in maml.norm_names]
+    assert learner_bn and all(p.grad is None for p in learner_bn)  # replaced by the per-step copies
+
+
+def test_multi_step_loss_weights_anneal_onto_the_last_step():
+    maml, batch = conv_problem(multi_step_loss=True, msl_fraction=0.5)
+    maml.progress = 0.0
+    assert torch.allclose(maml.step_weights(3), torch.full((3,), 1 / 3))
+    maml.progress = 0.25
+    mid = maml.step_weights(3)
+    assert mid[0] < 1 / 3 < mid[-1] and torch.isclose(mid.sum(), torch.tensor(1.0))
+    maml.progress = 0.9
+    assert torch.allclose(maml.step_weights(3), torch.tensor([0.01, 0.01, 0.98]))
+    # at the end the multi-step loss is 0.98 x the last step's loss plus a little of the others
+    msl = maml.meta_loss(batch).loss
+    plain, _ = conv_problem()
+    assert not torch.allclose(msl, plain.meta_loss(batch).loss)
+
+
+def test_first_order_until_switches_to_second_order():
+    fo_ref, batch = conv_problem(first_order=True)
+    so_ref, _ = conv_problem()
+    annealed, _ = conv_problem(first_order_until=0.5)
+
+    def grad(m):
+        m.zero_grad()
+        m.meta_loss(batch).loss.backward()
+        return torch.cat([p.grad.flatten() for p in m.learner.parameters() if p.grad is not None])
+
+    annealed.progress = 0.2
+    assert torch.allclose(grad(annealed), grad(fo_ref), atol=1e-6)
+    annealed.progress = 0.7
+    assert torch.allclose(grad(annealed), grad(so_ref), atol=1e-6)

@@ -5,8 +5,9 @@ it holds what the task is. Each query x_q then takes one step from that state wi
 slot and the state is read out as its prediction — every query position is predicted, each
 independently of the others. The embedding is the base learner's ``embed_with`` (Conv-4 for
 images, the MLP's last hidden layer for sinusoid); no gradient step adapts anything at test time.
-With ``attention`` a SNAIL-style (Mishra et al. 2018) soft attention lets each query also read the
-LSTM outputs at every support position.
+With ``attention`` a SNAIL-style (Mishra et al. 2018) soft attention lets each query also read every
+support position; as in SNAIL's dense blocks, keys and values are the position's input
+(embedding, label) concatenated with the LSTM's output there.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ class MemoryLSTM(MetaLearner):
         self.lstm = nn.LSTM(learner.embed_dim + self.label_dim, cfg.hidden, cfg.layers, batch_first=True)
         readout = cfg.hidden
         if cfg.attention:
-            self.attend_query = nn.Linear(cfg.hidden, cfg.hidden)
-            self.attend_key = nn.Linear(cfg.hidden, cfg.hidden)
-            readout *= 2
+            dense = learner.embed_dim + self.label_dim + cfg.hidden  # [input, LSTM output] per position
+            self.attend_query = nn.Linear(dense, cfg.hidden)
+            self.attend_key = nn.Linear(dense, cfg.hidden)
+            readout += dense
         self.readout = nn.Linear(readout, spec["output_dim"])
 
     def embed(self, x: Tensor) -> Tensor:
@@ -61,15 +63,17 @@ class MemoryLSTM(MetaLearner):
             sy = sy.gather(1, order.view(*order.shape, *[1] * (sy.dim() - 2)).expand_as(sy))
         z = self.embed(torch.cat([sx, qx], 1))
         z_support, z_query = z[:, : sx.shape[1]], z[:, sx.shape[1] :]
-        support_out, (h, c) = self.lstm(torch.cat([z_support, self.label_slot(sy)], -1))
+        support_in = torch.cat([z_support, self.label_slot(sy)], -1)
+        support_out, (h, c) = self.lstm(support_in)
         b, n_q = z_query.shape[:2]
         # each query: one step from the state after the support set, label slot empty
-        query_in = torch.cat([z_query, z_query.new_zeros(b, n_q, self.label_dim)], -1).reshape(b * n_q, 1, -1)
+        query_in = torch.cat([z_query, z_query.new_zeros(b, n_q, self.label_dim)], -1)
         state = (h.repeat_interleave(n_q, 1), c.repeat_interleave(n_q, 1))
-        read = self.lstm(query_in, state)[0].view(b, n_q, -1)
+        read = self.lstm(query_in.reshape(b * n_q, 1, -1), state)[0].view(b, n_q, -1)
         if self.cfg.attention:
-            scores = self.attend_query(read) @ self.attend_key(support_out).transpose(1, 2) / self.cfg.hidden**0.5
-            read = torch.cat([read, scores.softmax(-1) @ support_out], -1)
+            keys = torch.cat([support_in, support_out], -1)
+            scores = self.attend_query(torch.cat([query_in, read], -1)) @ self.attend_key(keys).transpose(1, 2)
+            read = torch.cat([read, (scores / self.cfg.hidden**0.5).softmax(-1) @ keys], -1)
         return self.readout(read)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:

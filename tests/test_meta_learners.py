@@ -1,0 +1,164 @@
+"""The meta-learner zoo: every combination trains or is refused, and each algorithm's defining math."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONFIG_DIR, fixture_overrides
+from metalstm.data import DATASETS
+from metalstm.data.episodes import EpisodeBatch
+from metalstm.data.image_classes import ImageClassTasks
+from metalstm.errors import ConfigError
+from metalstm.learners import BASE_LEARNERS, build_base_learner
+from metalstm.learners.mlp import MLP, MLPConfig
+from metalstm.meta import META_LEARNERS, build_meta_learner
+from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
+from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
+from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
+from metalstm.meta.reptile import Reptile, ReptileConfig
+from metalstm.objectives import Classification
+from metalstm.runner import build
+
+# every registered meta-learner, its variants spelled out
+VARIANTS = {"lstm_optimizer": ["variant=ravi", "variant=andrychowicz"], "memory_lstm": ["attention=false", "attention=true"]}
+METHODS = [(m, v) for m in sorted(META_LEARNERS) for v in VARIANTS.get(m, [None])]
+# the combinations that make no sense, and so must be refused at config time
+REFUSED = {("conv4", "sinusoid")} | {("protonet", "sinusoid")}
+
+
+def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cache, tmp_path) -> dict:
+    overrides = [f"data={data}", f"base_learner={base}", f"meta_learner={meta}", f"paths.output_dir={tmp_path}",
+                 "data.meta_batch_size=2", "data.val_tasks=2", "data.test_tasks=3", "data.eval_batch_size=2"]
+    if variant:
+        overrides.append(f"meta_learner.{variant}")
+    if base == "conv4":
+        overrides.append("base_learner.filters=8")
+    if data == "omniglot":
+        overrides += fixture_overrides(root, cache)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
+
+
+def test_registries_are_what_the_combination_test_covers():
+    assert set(META_LEARNERS) == {"maml", "reptile", "lstm_optimizer", "memory_lstm", "protonet"}
+    assert set(BASE_LEARNERS) == {"conv4", "mlp"} and set(DATASETS) == {"omniglot", "sinusoid"}
+
+
+@pytest.mark.parametrize("data", sorted(DATASETS))
+@pytest.mark.parametrize("base", sorted(BASE_LEARNERS))
+@pytest.mark.parametrize("meta, variant", METHODS)
+def test_every_combination_trains_two_steps_or_is_refused(meta, variant, base, data, tmp_path, omniglot_fixture, cache_dir):
+    config = tiny_config(meta, variant, base, data, omniglot_fixture, cache_dir, tmp_path)
+    if (base, data) in REFUSED or (meta, data) in REFUSED:
+        with pytest.raises(ConfigError) as refusal:
+            build(config)
+        assert "\n" not in str(refusal.value) and len(str(refusal.value)) > 20
+        return
+    module, datamodule = build(config)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = pl.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters())), "nothing was meta-learned"
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    summary = module.test_summary
+    assert summary["test/num_tasks"] == 3 and torch.isfinite(torch.tensor(summary["test/loss"]))
+
+
+def image_tasks(shots: int = 2, sigma: float = 60.0) -> ImageClassTasks:
+    """A synthetic family: 60 classes of 4x4 'images', a random prototype each plus noise per sample."""
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(60, 1, 1, 4, 4, generator=g) * 255
+    images = (prototypes + sigma * torch.randn(60, 20, 1, 4, 4, generator=g)).clamp(0, 255).to(torch.uint8)
+    splits = {"train": torch.arange(40), "val": torch.arange(40, 50), "test": torch.arange(50, 60)}
+    return ImageClassTasks(images, splits, ways=5, shots=shots, query=5, eval_query=5)
+
+
+def test_ravi_lstm_starts_as_plain_sgd():
+    tasks = image_tasks()
+    learner = build_base_learner({"name": "conv4", "filters": 16, "downsample": "stride"},
+                                 {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": 5})
+    spec = {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": 5}
+    ravi = LSTMOptimizer(learner, Classification().loss, spec, LSTMOptimizerConfig(variant="ravi"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(5, 1, 28, 28, generator=g), torch.arange(5)
+    theta0 = ravi.flat_init().detach()
+    _, grad = ravi.support_gradient(theta0, x, y)
+    with torch.no_grad():
+        step = ravi.optimize(x, y, 1) - theta0
+    sgd_step = -torch.sigmoid(ravi.b_input) * grad  # plain SGD at the learned step size sigma(b_I)
+    assert torch.nn.functional.cosine_similarity(step, sgd_step, dim=0) > 0.99
+    assert (step - sgd_step).norm() / sgd_step.norm() < 0.1
+    del tasks
+
+
+def test_lstm_optimizer_drops_second_derivatives_and_truncates():
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    batch = image_tasks().sample("train", 1, torch.Generator().manual_seed(0))
+    for truncation, init_gets_gradient in ((None, True), (1, False)):
+        torch.manual_seed(0)
+        opt = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
+                            LSTMOptimizerConfig(variant="andrychowicz", inner_steps=3, truncation=truncation))
+        opt.meta_loss(batch).loss.backward()
+        init_grad = [p.grad for p in opt.learner.parameters()]
+        assert all(p.grad is not None for p in opt.lstm1.parameters())  # the LSTM itself is meta-learned
+        assert any(g is not None and g.abs().sum() > 0 for g in init_grad) == init_gets_gradient
+
+
+def test_reptile_outer_step_moves_theta_toward_the_adapted_weights():
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    torch.manual_seed(0)
+    reptile = Reptile(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
+                      ReptileConfig(inner_steps=3, outer_lr=0.5, outer_lr_final=0.1))
+    reptile.progress = 0.5  # eps = 0.5 + (0.1 - 0.5) * 0.5 = 0.3
+    batch = image_tasks().sample("train", 3, torch.Generator().manual_seed(0))
+    theta = {k: v.detach().clone() for k, v in reptile.learner.params().items()}
+    torch.manual_seed(1)
+    phis = [reptile.adapt(sx, sy, 3) for sx, sy, _, _ in zip(*batch)]
+    torch.manual_seed(1)  # same minibatch order inside meta_loss
+    optimizer = reptile.outer_optimizer(meta_lr=123.0)  # Reptile ignores optim.meta_lr
+    optimizer.zero_grad()
+    reptile.meta_loss(batch).loss.backward()
+    optimizer.step()
+    for k, p in reptile.learner.params().items():
+        mean_phi = sum(phi[k] for phi in phis) / 3
+        assert torch.allclose(p, theta[k] + 0.3 * (mean_phi - theta[k]), atol=1e-6)
+
+
+def test_protonet_classifies_by_distance_to_class_means():
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    torch.manual_seed(0)
+    proto = ProtoNet(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, ProtoNetConfig())
+    sx, sy, qx, _ = (t[0] for t in image_tasks(shots=3).sample("test", 1, torch.Generator().manual_seed(0)))
+    logits = proto.logits(sx, sy, qx)
+    z = proto.learner.embed_with(proto.learner.params(), torch.cat([sx, qx]))
+    means = torch.stack([z[: len(sx)][sy == k].mean(0) for k in range(5)])
+    expected = -((z[len(sx):, None, :] - means[None]) ** 2).sum(-1)
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_memory_lstm_learns_in_context():
+    """Query accuracy rises with the number of support shots the LSTM has read (same weights)."""
+    torch.manual_seed(0)
+    sources = {k: image_tasks(shots=k) for k in range(1, 6)}
+    spec = sources[1].spec
+    memory = MemoryLSTM(MLP(MLPConfig(hidden=[32]), spec), Classification().loss, spec,
+                        MemoryLSTMConfig(hidden=64, attention=True))
+    optimizer = torch.optim.Adam(memory.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        shots = int(torch.randint(1, 6, (1,), generator=g))
+        optimizer.zero_grad()
+        memory.meta_loss(sources[shots].sample("train", 16, g)).loss.backward()
+        optimizer.step()
+    accuracy = {}
+    for shots in (1, 5):
+        batch = sources[shots].sample("test", 300, torch.Generator().manual_seed(2))
+        accuracy[shots] = (memory.predict(batch).argmax(-1) == batch.query_y).float().mean().item() * 100
+    assert accuracy[1] > 20 + 10, accuracy  # above chance (20%) from one example per class
+    assert accuracy[5] > accuracy[1] + 5, accuracy  # and better with more examples in context
