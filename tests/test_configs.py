@@ -104,3 +104,11 @@ def test_cosine_schedule_needs_max_steps(tmp_path):
     trainer = pl.Trainer(max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         trainer.fit(module, datamodule=datamodule)
+
+
+@pytest.mark.parametrize("meta", ["protonet", "memory_lstm", "reptile", "lstm_optimizer"])
+def test_another_meta_learner_on_a_maml_experiment_keeps_what_applies(meta, tmp_path, omniglot_fixture, cache_dir):
+    cfg = compose_train(["+experiment=omniglot_5way", f"meta_learner={meta}", *fixture_overrides(omniglot_fixture, cache_dir)], tmp_path)
+    assert "inner_lr" in cfg.meta_learner  # the experiment's MAML settings are in the composed config...
+    module, _ = build(OmegaConf.to_container(cfg, resolve=True))  # ...and dropped where they do not apply
+    assert type(module.meta_learner).__name__.lower().replace("_", "") == meta.replace("_", "")

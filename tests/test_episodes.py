@@ -165,3 +165,13 @@ def test_omniglot_splits_are_disjoint_and_cover():
     val_alphabets = {characters[i].rsplit("/", 1)[0] for i in lake["val"]}
     train_alphabets = {characters[i].rsplit("/", 1)[0] for i in lake["train"]}
     assert not val_alphabets & train_alphabets
+
+
+def test_train_shots_may_exceed_test_shots():
+    tasks = coded_tasks(shots=1, train_shots=4, query=2, eval_query=3)
+    train = tasks.sample("train", 2, torch.Generator().manual_seed(0))
+    test = tasks.sample("test", 2, torch.Generator().manual_seed(0))
+    assert train.support_x.shape[1] == 5 * 4 and torch.equal(train.support_y[0], torch.arange(5).repeat_interleave(4))
+    assert test.support_x.shape[1] == 5 * 1 and test.query_x.shape[1] == 5 * 3
+    with pytest.raises(ConfigError, match="data.train_shots"):
+        coded_tasks(train_shots=19)

@@ -23,7 +23,7 @@ def build_base_learner(cfg: dict, spec: TaskSpec) -> BaseLearner:
     if name not in BASE_LEARNERS:
         raise ConfigError(f"base_learner.name={name!r} is not a known base learner; choose one of {sorted(BASE_LEARNERS)}.")
     config_class, learner_class = BASE_LEARNERS[name]
-    return learner_class(from_dict(config_class, cfg, "base_learner"), spec)
+    return learner_class(from_dict(config_class, cfg, "base_learner", siblings=(c for c, _ in BASE_LEARNERS.values())), spec)
 
 
 __all__ = ["BASE_LEARNERS", "BaseLearner", "Params", "TaskSpec", "build_base_learner"]

@@ -34,7 +34,7 @@ def build_meta_learner(cfg: dict, learner: BaseLearner, loss_fn: LossFn, spec: T
             f"meta_learner={name} learns {' or '.join(meta_class.task_types)} tasks, but this data set's tasks are "
             f"{spec['task_type']}; choose another meta-learner or data set."
         )
-    return meta_class(learner, loss_fn, spec, from_dict(config_class, cfg, "meta_learner"))
+    return meta_class(learner, loss_fn, spec, from_dict(config_class, cfg, "meta_learner", siblings=(c for c, _ in META_LEARNERS.values())))
 
 
 __all__ = ["META_LEARNERS", "MetaLearner", "MetaOutput", "build_meta_learner"]
