@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
 from metalstm.data.episodes import EpisodeBatch
@@ -66,8 +67,7 @@ class MetaLearningModule(pl.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         opt.zero_grad()
-        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        self.meta_learner.progress = min(1.0, self.global_step / max_steps) if max_steps else 0.0
+        self.meta_learner.progress = self.training_progress()
         out = self.meta_learner.meta_loss(batch)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
@@ -88,6 +88,15 @@ class MetaLearningModule(pl.LightningModule):
             if name != "loss":
                 self.log(f"train/{name}", values.mean(), prog_bar=True, batch_size=batch.num_tasks)
         return out.loss.detach()
+
+    def training_progress(self) -> float:
+        """Fraction of meta-training done: of trainer.max_steps, or of trainer.max_time if that ends it sooner."""
+        fractions = [self.global_step / self.trainer.max_steps] if self.trainer.max_steps > 0 else []
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Timer) and callback.time_remaining("train") is not None:
+                elapsed = callback.time_elapsed("train")
+                fractions.append(elapsed / max(elapsed + callback.time_remaining("train"), 1e-9))
+        return min(1.0, max(fractions, default=0.0))
 
     # ------------------------------------------------------------------ meta-validation and meta-test
 

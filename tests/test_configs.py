@@ -112,3 +112,19 @@ def test_another_meta_learner_on_a_maml_experiment_keeps_what_applies(meta, tmp_
     assert "inner_lr" in cfg.meta_learner  # the experiment's MAML settings are in the composed config...
     module, _ = build(OmegaConf.to_container(cfg, resolve=True))  # ...and dropped where they do not apply
     assert type(module.meta_learner).__name__.lower().replace("_", "") == meta.replace("_", "")
+
+
+@pytest.mark.parametrize("limit", [["trainer.max_steps=8"], ["trainer.max_steps=100000", "trainer.max_time=00:00:00:02"]])
+def test_training_progress_follows_steps_or_time(limit, tmp_path):
+    cfg = compose_train([*limit, "trainer.val_check_interval=100000", "data.val_tasks=2", "data.test_tasks=2"], tmp_path)
+    module, datamodule = build(OmegaConf.to_container(cfg, resolve=True))
+    seen: list[float] = []
+    meta_loss = module.meta_learner.meta_loss
+    module.meta_learner.meta_loss = lambda batch: (seen.append(module.meta_learner.progress), meta_loss(batch))[1]
+    trainer = instantiate(cfg.trainer, callbacks=[], logger=False, limit_val_batches=0, enable_progress_bar=False)
+    trainer.fit(module, datamodule=datamodule)
+    assert seen[0] < 0.1 and seen == sorted(seen)
+    if cfg.trainer.max_time is None:
+        assert seen[-1] == pytest.approx(7 / 8)
+    else:  # stopped by the clock after a few dozen steps: progress comes from time, not from steps / 100000
+        assert len(seen) < 5000 and seen[-1] > 0.8
