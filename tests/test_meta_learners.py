@@ -43,7 +43,7 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
 
 
 def test_registries_are_what_the_combination_test_covers():
-    assert set(META_LEARNERS) == {"maml", "reptile", "lstm_optimizer", "memory_lstm", "protonet"}
+    assert set(META_LEARNERS) == {"maml", "reptile", "lstm_optimizer", "memory_lstm", "protonet", "pretrain_finetune"}
     assert set(BASE_LEARNERS) == {"conv4", "mlp"} and set(DATASETS) == {"omniglot", "sinusoid"}
 
 
@@ -162,3 +162,18 @@ def test_memory_lstm_learns_in_context():
         accuracy[shots] = (memory.predict(batch).argmax(-1) == batch.query_y).float().mean().item() * 100
     assert accuracy[1] > 20 + 10, accuracy  # above chance (20%) from one example per class
     assert accuracy[5] > accuracy[1] + 5, accuracy  # and better with more examples in context
+
+
+def test_pretrain_finetune_trains_without_inner_loop_and_fine_tunes_at_test():
+    from metalstm.meta.pretrain_finetune import PretrainFinetune, PretrainFinetuneConfig
+    from metalstm.objectives import Regression
+
+    spec = {"task_type": "regression", "input_shape": (1,), "output_dim": 1}
+    torch.manual_seed(0)
+    baseline = PretrainFinetune(MLP(MLPConfig(hidden=[8]), spec), Regression().loss, spec, PretrainFinetuneConfig())
+    x = torch.randn(2, 10, 1)
+    batch = EpisodeBatch(x[:, :5], torch.sin(x[:, :5]), x[:, 5:], torch.sin(x[:, 5:]))
+    out = baseline.meta_loss(batch)
+    plain = torch.stack([baseline.learner(qx) for qx in batch.query_x])
+    assert torch.allclose(out.query_outputs, plain)  # training: the network itself, no adaptation
+    assert not torch.allclose(baseline.predict(batch), plain)  # test: fine-tuned on the support set

@@ -10,6 +10,7 @@ from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
+from metalstm.meta.pretrain_finetune import PretrainFinetune, PretrainFinetuneConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
 
@@ -19,6 +20,7 @@ META_LEARNERS: dict[str, tuple[type, type[MetaLearner]]] = {
     "lstm_optimizer": (LSTMOptimizerConfig, LSTMOptimizer),
     "memory_lstm": (MemoryLSTMConfig, MemoryLSTM),
     "protonet": (ProtoNetConfig, ProtoNet),
+    "pretrain_finetune": (PretrainFinetuneConfig, PretrainFinetune),
 }
 
 
