@@ -14,7 +14,7 @@ from metalstm.data.image_classes import ImageClassTasks
 from metalstm.errors import ConfigError
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.learners.mlp import MLP, MLPConfig
-from metalstm.meta import META_LEARNERS, build_meta_learner
+from metalstm.meta import META_LEARNERS
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
@@ -80,10 +80,8 @@ def image_tasks(shots: int = 2, sigma: float = 60.0) -> ImageClassTasks:
 
 
 def test_ravi_lstm_starts_as_plain_sgd():
-    tasks = image_tasks()
-    learner = build_base_learner({"name": "conv4", "filters": 16, "downsample": "stride"},
-                                 {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": 5})
     spec = {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": 5}
+    learner = build_base_learner({"name": "conv4", "filters": 16}, spec)
     ravi = LSTMOptimizer(learner, Classification().loss, spec, LSTMOptimizerConfig(variant="ravi"))
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(5, 1, 28, 28, generator=g), torch.arange(5)
@@ -94,7 +92,6 @@ def test_ravi_lstm_starts_as_plain_sgd():
     sgd_step = -torch.sigmoid(ravi.b_input) * grad  # plain SGD at the learned step size sigma(b_I)
     assert torch.nn.functional.cosine_similarity(step, sgd_step, dim=0) > 0.99
     assert (step - sgd_step).norm() / sgd_step.norm() < 0.1
-    del tasks
 
 
 def test_lstm_optimizer_drops_second_derivatives_and_truncates():

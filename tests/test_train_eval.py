@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fixture_overrides, run_script
+from conftest import fixture_overrides, run_script
 from metalstm.runner import load_checkpoint
 
 
