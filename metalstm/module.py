@@ -110,7 +110,7 @@ class MetaLearningModule(pl.LightningModule):
         """Per-task metrics of all ranks (each rank evaluated its own share of the tasks)."""
         per_task = {}
         for name in self.objective.metrics:
-            values = torch.cat(self._per_task.get(name, [])) if name in self._per_task else torch.zeros(0, device=self.device)
+            values = torch.cat(self._per_task[name]) if name in self._per_task else torch.zeros(0, device=self.device)
             if self.trainer.world_size > 1:  # ranks may hold one task more or less: pad, gather, unpad
                 longest = int(self.all_gather(torch.tensor(values.numel(), device=self.device)).max())
                 padded, valid = values.new_zeros(longest), torch.zeros(longest, dtype=torch.bool, device=self.device)

@@ -41,8 +41,11 @@ class FewShotDataModule(pl.LightningDataModule):
         super().__init__()
         self.source, self.episodes, self.seed = source, episodes, seed
 
+    def rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def setup(self, stage: str) -> None:
-        world = self.trainer.world_size if self.trainer else 1
+        _, world = self.rank_and_world()
         if stage == "fit" and self.episodes.meta_batch_size % world:
             raise ConfigError(
                 f"data.meta_batch_size={self.episodes.meta_batch_size} cannot be split evenly over {world} devices "
@@ -51,15 +54,13 @@ class FewShotDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         e = self.episodes
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
+        rank, world = self.rank_and_world()
         stream = TrainEpisodes(self.source, e.meta_batch_size // world, self.seed, rank)
         return DataLoader(stream, batch_size=None)
 
     def _fixed(self, split: str, num_tasks: int) -> DataLoader:
         e = self.episodes
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
+        rank, world = self.rank_and_world()
         episodes = FixedEpisodes(self.source, split, num_tasks, e.eval_batch_size, e.episode_seed, rank, world)
         return DataLoader(episodes, batch_size=None)
 
