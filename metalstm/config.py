@@ -12,6 +12,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def choose(registry: dict[str, tuple[type, Any]], cfg: dict[str, Any], group: str, noun: str) -> tuple[str, tuple[type, Any], dict[str, Any]]:
+    """Look up ``cfg["name"]`` in a registry: the name, its (config class, implementation) and the other keys."""
+    rest = dict(cfg)
+    name = rest.pop("name", None)
+    if name not in registry:
+        raise ConfigError(f"{group}.name={name!r} is not a known {noun}; choose one of {sorted(registry)}.")
+    return name, registry[name], rest
+
+
 def from_dict(config_class: type[T], values: dict[str, Any], group: str, siblings: Iterable[type] = ()) -> T:
     """Build ``config_class`` from ``values``.
 

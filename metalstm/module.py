@@ -93,9 +93,10 @@ class MetaLearningModule(pl.LightningModule):
         """Fraction of meta-training done: of trainer.max_steps, or of trainer.max_time if that ends it sooner."""
         fractions = [self.global_step / self.trainer.max_steps] if self.trainer.max_steps > 0 else []
         for callback in self.trainer.callbacks:
-            if isinstance(callback, Timer) and callback.time_remaining("train") is not None:
+            remaining = callback.time_remaining("train") if isinstance(callback, Timer) else None
+            if remaining is not None:
                 elapsed = callback.time_elapsed("train")
-                fractions.append(elapsed / max(elapsed + callback.time_remaining("train"), 1e-9))
+                fractions.append(elapsed / max(elapsed + remaining, 1e-9))
         return min(1.0, max(fractions, default=0.0))
 
     # ------------------------------------------------------------------ meta-validation and meta-test

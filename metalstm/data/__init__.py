@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from metalstm.config import from_dict
+from metalstm.config import choose, from_dict
 from metalstm.data.episodes import EpisodeBatch, FixedEpisodes, TaskSource, TrainEpisodes
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidTasks
@@ -73,16 +73,12 @@ class FewShotDataModule(pl.LightningDataModule):
 
 def build_datamodule(cfg: dict, seed: int) -> FewShotDataModule:
     """``cfg`` is the ``data`` config group: ``name``, the episode keys, the data set's own keys."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name not in DATASETS:
-        raise ConfigError(f"data.name={name!r} is not a known data set; choose one of {sorted(DATASETS)}.")
+    _, (config_class, build), cfg = choose(DATASETS, cfg, "data", "data set")
     episode_keys = {f.name for f in fields(EpisodeConfig)}
     episodes = from_dict(EpisodeConfig, {k: v for k, v in cfg.items() if k in episode_keys}, "data")
     for key in ("meta_batch_size", "val_tasks", "test_tasks", "eval_batch_size"):
         if getattr(episodes, key) < 1:
             raise ConfigError(f"data.{key}={getattr(episodes, key)} must be a positive integer.")
-    config_class, build = DATASETS[name]
     source = build(from_dict(config_class, {k: v for k, v in cfg.items() if k not in episode_keys}, "data"))
     return FewShotDataModule(source, episodes, seed)
 

@@ -5,8 +5,7 @@ Adding one: a module with a config dataclass and a ``BaseLearner`` subclass, an 
 """
 from __future__ import annotations
 
-from metalstm.config import from_dict
-from metalstm.errors import ConfigError
+from metalstm.config import choose, from_dict
 from metalstm.learners.base import BaseLearner, Params, TaskSpec
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
@@ -18,11 +17,7 @@ BASE_LEARNERS: dict[str, tuple[type, type[BaseLearner]]] = {
 
 
 def build_base_learner(cfg: dict, spec: TaskSpec) -> BaseLearner:
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name not in BASE_LEARNERS:
-        raise ConfigError(f"base_learner.name={name!r} is not a known base learner; choose one of {sorted(BASE_LEARNERS)}.")
-    config_class, learner_class = BASE_LEARNERS[name]
+    _, (config_class, learner_class), cfg = choose(BASE_LEARNERS, cfg, "base_learner", "base learner")
     return learner_class(from_dict(config_class, cfg, "base_learner", siblings=(c for c, _ in BASE_LEARNERS.values())), spec)
 
 

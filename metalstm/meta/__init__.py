@@ -3,7 +3,7 @@ an entry in ``META_LEARNERS``, a YAML in ``configs/meta_learner/``.
 """
 from __future__ import annotations
 
-from metalstm.config import from_dict
+from metalstm.config import choose, from_dict
 from metalstm.errors import ConfigError
 from metalstm.learners.base import BaseLearner, TaskSpec
 from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
@@ -26,17 +26,14 @@ META_LEARNERS: dict[str, tuple[type, type[MetaLearner]]] = {
 
 def build_meta_learner(cfg: dict, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec) -> MetaLearner:
     """A meta-learner for ``learner`` on tasks described by ``spec``; a meaningless combination is a ConfigError."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name not in META_LEARNERS:
-        raise ConfigError(f"meta_learner.name={name!r} is not a known meta-learner; choose one of {sorted(META_LEARNERS)}.")
-    config_class, meta_class = META_LEARNERS[name]
+    name, (config_class, meta_class), cfg = choose(META_LEARNERS, cfg, "meta_learner", "meta-learner")
     if spec["task_type"] not in meta_class.task_types:
         raise ConfigError(
             f"meta_learner={name} learns {' or '.join(meta_class.task_types)} tasks, but this data set's tasks are "
             f"{spec['task_type']}; choose another meta-learner or data set."
         )
-    return meta_class(learner, loss_fn, spec, from_dict(config_class, cfg, "meta_learner", siblings=(c for c, _ in META_LEARNERS.values())))
+    config = from_dict(config_class, cfg, "meta_learner", siblings=(c for c, _ in META_LEARNERS.values()))
+    return meta_class(learner, loss_fn, spec, config)
 
 
 __all__ = ["META_LEARNERS", "MetaLearner", "MetaOutput", "build_meta_learner"]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metalstm.data.episodes import EpisodeBatch
-from metalstm.learners.base import BaseLearner, TaskSpec
+from metalstm.learners.base import BaseLearner
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs [n, out], targets [n(, out)]) -> scalar
 
@@ -28,9 +28,9 @@ class MetaLearner(nn.Module, ABC):
 
     task_types: tuple[str, ...] = ("classification", "regression")  # what it can learn
 
-    def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec):
+    def __init__(self, learner: BaseLearner, loss_fn: LossFn):
         super().__init__()
-        self.learner, self.loss_fn, self.spec = learner, loss_fn, spec
+        self.learner, self.loss_fn = learner, loss_fn
         self.progress = 0.0  # fraction of meta-training done, set by the module (for annealing)
 
     def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:

@@ -61,7 +61,7 @@ def preprocess(x: Tensor, p: float) -> Tensor:
 
 class LSTMOptimizer(MetaLearner):
     def __init__(self, learner, loss_fn, spec, cfg: LSTMOptimizerConfig):
-        super().__init__(learner, loss_fn, spec)
+        super().__init__(learner, loss_fn)
         if cfg.variant not in VARIANTS:
             raise ConfigError(f"meta_learner.variant={cfg.variant!r}; choose one of {list(VARIANTS)}.")
         if cfg.hidden < 1 or cfg.inner_steps < 1 or cfg.test_inner_steps < 0:

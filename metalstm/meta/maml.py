@@ -49,7 +49,7 @@ def key(name: str) -> str:
 
 class MAML(MetaLearner):
     def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec, cfg: MAMLConfig):
-        super().__init__(learner, loss_fn, spec)
+        super().__init__(learner, loss_fn)
         if cfg.inner_lr <= 0:
             raise ConfigError(f"meta_learner.inner_lr={cfg.inner_lr} must be positive.")
         if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:

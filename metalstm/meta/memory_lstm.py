@@ -32,7 +32,7 @@ class MemoryLSTMConfig:
 
 class MemoryLSTM(MetaLearner):
     def __init__(self, learner, loss_fn, spec, cfg: MemoryLSTMConfig):
-        super().__init__(learner, loss_fn, spec)
+        super().__init__(learner, loss_fn)
         if cfg.hidden < 1 or cfg.layers < 1:
             raise ConfigError("meta_learner.hidden and meta_learner.layers must be >= 1.")
         self.cfg = cfg

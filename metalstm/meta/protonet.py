@@ -26,7 +26,7 @@ class ProtoNet(MetaLearner):
     task_types = ("classification",)
 
     def __init__(self, learner, loss_fn, spec, cfg: ProtoNetConfig):
-        super().__init__(learner, loss_fn, spec)
+        super().__init__(learner, loss_fn)
         self.ways = spec["output_dim"]
 
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:

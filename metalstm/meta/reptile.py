@@ -31,7 +31,7 @@ class ReptileConfig:
 
 class Reptile(MetaLearner):
     def __init__(self, learner, loss_fn, spec, cfg: ReptileConfig):
-        super().__init__(learner, loss_fn, spec)
+        super().__init__(learner, loss_fn)
         if cfg.inner_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"meta_learner.inner_optimizer={cfg.inner_optimizer!r}; choose adam or sgd.")
         for key in ("inner_lr", "outer_lr", "inner_batch_size"):
