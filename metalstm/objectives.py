@@ -10,6 +10,8 @@ from typing import Protocol
 import torch.nn.functional as F
 from torch import Tensor
 
+PAD = 0  # padding token of token sequences (see TaskSpec)
+
 
 class Objective(Protocol):
     metrics: tuple[str, ...]
@@ -50,7 +52,39 @@ class Regression:
         return {"loss": mse, "mse": mse}
 
 
-OBJECTIVES: dict[str, type] = {"classification": Classification, "regression": Regression}
+class Seq2Seq:
+    """Token sequences: outputs [n, H, vocab], targets [n, H] with 0 = padding (ignored)."""
+
+    metrics = ("loss", "token_acc", "seq_acc")
+    monitor = "token_acc"
+    monitor_mode = "max"
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), ignore_index=PAD)
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        real = targets != PAD  # [B, n, H]
+        loss = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), ignore_index=PAD, reduction="none")
+        loss = (loss.view(targets.shape) * real).flatten(1).sum(-1) / real.flatten(1).sum(-1)
+        correct = outputs.argmax(-1) == targets
+        token_acc = (correct & real).flatten(1).sum(-1) / real.flatten(1).sum(-1) * 100.0
+        seq_acc = (correct | ~real).all(-1).float().mean(-1) * 100.0
+        return {"loss": loss, "token_acc": token_acc, "seq_acc": seq_acc}
+
+
+class Forecast(Regression):
+    """Real-valued sequences: outputs and targets [n, H, d]; point_error is the mean Euclidean
+    distance per step (the mean absolute error when d = 1)."""
+
+    metrics = ("loss", "mse", "point_error")
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        error = (outputs - targets).norm(dim=-1).flatten(1).mean(-1)
+        return {**super().task_metrics(outputs, targets), "point_error": error}
+
+
+OBJECTIVES: dict[str, type] = {"classification": Classification, "regression": Regression, "forecast": Forecast,
+                               "seq2seq": Seq2Seq}
 
 
 def get_objective(task_type: str) -> Objective:

@@ -86,11 +86,13 @@ def write_json(path: Path, data: dict) -> None:
 
 def summary_line(summary: dict[str, float]) -> str:
     n = int(summary.get("test/num_tasks", 0))
-    for metric, fmt in (("acc", "{:.2f}"), ("mse", "{:.4f}")):
+    parts = []
+    for metric, fmt in (("acc", "{:.2f}"), ("token_acc", "{:.2f}"), ("seq_acc", "{:.2f}"), ("mse", "{:.4f}"),
+                        ("point_error", "{:.4f}")):
         if f"test/{metric}" in summary:
             mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
-            return f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)} ({n} tasks)"
-    return f"no test metrics ({n} tasks)"
+            parts.append(f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)}")
+    return f"{', '.join(parts)} ({n} tasks)" if parts else f"no test metrics ({n} tasks)"
 
 
 def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, config: dict, **extra: Any) -> dict:

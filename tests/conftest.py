@@ -6,9 +6,11 @@ import random
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +55,46 @@ def make_omniglot(root: Path, background: int = 6, evaluation: int = 2, characte
     return root
 
 
+def stroke_file(class_id: int, drawing: int) -> str:
+    """One drawing in the official stroke format: START, 'x,y,time_ms' rows, BREAK after each stroke."""
+    shape, jitter = random.Random(class_id), random.Random(class_id * 1000 + drawing)
+    lines, t = ["START"], 0
+    for _ in range(shape.randint(1, 3)):
+        x, y = shape.uniform(20, 80), -shape.uniform(20, 80)
+        vx, vy = shape.uniform(-3, 3), shape.uniform(-3, 3)
+        for _ in range(shape.randint(6, 14)):
+            x, y, t = x + vx + jitter.gauss(0, 0.5), y + vy + jitter.gauss(0, 0.5), t + jitter.randint(10, 40)
+            lines.append(f"{x:.6f},{y:.6f},{t}")
+        lines.append("BREAK")
+    return "\n".join(lines) + "\n"
+
+
+def make_strokes(root: Path, characters: int = 16, shared: int = 2, zipped: bool = True) -> Path:
+    """The two official stroke subsets: strokes_background_smallN/<Alphabet>/characterNN/XXXX_YY.txt.
+    ``shared`` characters are in both subsets (as Greek and Latin are): 2 * characters - shared distinct."""
+    root.mkdir(parents=True, exist_ok=True)
+    for subset in (1, 2):
+        part = f"strokes_background_small{subset}"
+        ids = range(1, characters + 1) if subset == 1 else range(characters - shared + 1, 2 * characters - shared + 1)
+        files = {f"{part}/Alphabet_{class_id % 3}/character{class_id:02d}/{class_id:04d}_{d:02d}.txt":
+                 stroke_file(class_id, d) for class_id in ids for d in range(1, 21)}
+        for name, text in files.items():
+            if not zipped:
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_text(text)
+        if zipped:
+            with zipfile.ZipFile(root / f"{part}.zip", "w") as archive:
+                for name, text in files.items():
+                    archive.writestr(name, text)
+    return root
+
+
 @pytest.fixture(scope="session")
 def omniglot_fixture(tmp_path_factory) -> Path:
-    """30 background + 10 evaluation characters, 20 drawings each, as the two official zips."""
-    return make_omniglot(tmp_path_factory.mktemp("omniglot"))
+    """30 background + 10 evaluation characters, 20 drawings each, as the two official zips; beside
+    them the two official stroke subsets (30 distinct characters, 20 drawings each)."""
+    root = make_omniglot(tmp_path_factory.mktemp("omniglot"))
+    return make_strokes(root)
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +109,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def fixture_overrides(root: Path, cache: Path) -> list[str]:
+def fixture_overrides(root: Path, cache: Path, data: str = "omniglot") -> list[str]:
     """Point any Omniglot experiment at the fixture: it has no Vinyals split (use Lake's), and its
     5 validation characters make 20 classes for 20-way tasks only with rotations."""
+    if data == "omniglot_strokes":
+        return [f"data.root={root}", "data.download=false"]
     return [f"data.root={root}", f"data.cache_dir={cache}", "data.split=lake", "data.download=false",
             "data.rotate_splits=[train,val,test]"]
 
@@ -83,3 +123,20 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subp
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def central_differences(loss: Callable[[], torch.Tensor], params: list[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """d loss / d params by central differences, one coordinate at a time (float64 params)."""
+    numeric = []
+    for p in params:
+        for i in range(p.numel()):
+            with torch.no_grad():
+                p.view(-1)[i] += eps
+            up = loss().item()
+            with torch.no_grad():
+                p.view(-1)[i] -= 2 * eps
+            down = loss().item()
+            with torch.no_grad():
+                p.view(-1)[i] += eps
+            numeric.append((up - down) / (2 * eps))
+    return torch.tensor(numeric, dtype=torch.float64)

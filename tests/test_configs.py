@@ -45,7 +45,8 @@ def test_experiments_set_hyperparameters_only():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fixture, cache_dir):
     cfg = compose_train([f"+experiment={experiment}"], tmp_path)
-    overrides = fixture_overrides(omniglot_fixture, cache_dir) if cfg.data.name == "omniglot" else []
+    on_disk = cfg.data.name in ("omniglot", "omniglot_strokes")
+    overrides = fixture_overrides(omniglot_fixture, cache_dir, cfg.data.name) if on_disk else []
     cfg = compose_train([f"+experiment={experiment}", *overrides], tmp_path)
     config = OmegaConf.to_container(cfg, resolve=True)
     module, datamodule = build(config)
@@ -128,3 +129,30 @@ def test_training_progress_follows_steps_or_time(limit, tmp_path):
         assert seen[-1] == pytest.approx(7 / 8)
     else:  # stopped by the clock after a few dozen steps: progress comes from time, not from steps / 100000
         assert len(seen) < 5000 and seen[-1] > 0.8
+
+
+SEQUENCE_EXPERIMENTS = ["seq_cipher_5shot", "sinusoid_forecast", "strokes_5way_1shot", "strokes_completion"]
+# where a method cannot learn the experiment's tasks: ProtoNet classifies; memory_lstm predicts one label per example
+SEQUENCE_REFUSED = {("protonet", e) for e in ("seq_cipher_5shot", "sinusoid_forecast", "strokes_completion")} | {
+    ("memory_lstm", e) for e in ("seq_cipher_5shot", "sinusoid_forecast", "strokes_completion")}
+
+
+@pytest.mark.parametrize("meta", ["maml", "fomaml", "reptile", "lstm_optimizer", "memory_lstm", "protonet"])
+@pytest.mark.parametrize("experiment", SEQUENCE_EXPERIMENTS)
+def test_sequence_experiments_take_every_meta_learner_that_applies(experiment, meta, tmp_path, omniglot_fixture, cache_dir):
+    overrides = [f"+experiment={experiment}", f"meta_learner={meta}", "data.meta_batch_size=2", "data.eval_batch_size=2"]
+    if experiment.startswith("strokes"):
+        overrides += fixture_overrides(omniglot_fixture, cache_dir, "omniglot_strokes")
+    config = OmegaConf.to_container(compose_train(overrides, tmp_path), resolve=True)
+    if (meta, experiment) in SEQUENCE_REFUSED:
+        with pytest.raises(ConfigError, match=f"meta_learner={meta}"):
+            build(config)
+        return
+    module, datamodule = build(config)
+    batch = next(iter(datamodule.train_dataloader()))
+    out = module.meta_learner.meta_loss(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    predictions = module.meta_learner.predict(batch)
+    assert predictions.shape[:2] == batch.query_x.shape[:2]
+    assert all(torch.isfinite(v).all() for v in module.objective.task_metrics(predictions, batch.query_y).values())

@@ -6,7 +6,7 @@ import pytest
 
 from metalstm.data import EpisodeConfig, FewShotDataModule
 from metalstm.data.episodes import FixedEpisodes, TrainEpisodes
-from metalstm.data.image_classes import ImageClassTasks
+from metalstm.data.class_tasks import ClassTasks
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot, split_characters
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalstm.errors import ConfigError
@@ -22,10 +22,10 @@ def coded_images() -> torch.Tensor:
     return images
 
 
-def coded_tasks(**kw) -> ImageClassTasks:
+def coded_tasks(**kw) -> ClassTasks:
     splits = {"train": torch.arange(0, 18), "val": torch.arange(18, 24), "test": torch.arange(24, 30)}
     args = dict(ways=5, shots=2, query=3, eval_query=4) | kw
-    return ImageClassTasks(coded_images(), splits, **args)
+    return ClassTasks(coded_images(), splits, **args)
 
 
 def decode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_rotations_are_new_classes_of_the_train_split_only():
     images = torch.zeros(3, 20, 1, 5, 5, dtype=torch.uint8)
     images[:, :, 0, 0, 0] = 255  # a mark in the top-left corner shows the rotation
     splits = {"train": torch.tensor([0]), "val": torch.tensor([1]), "test": torch.tensor([2])}
-    tasks = ImageClassTasks(images, splits, ways=1, shots=1, query=1, eval_query=1, rotate_splits=["train"])
+    tasks = ClassTasks(images, splits, ways=1, shots=1, query=1, eval_query=1, rotate_splits=["train"])
     assert tasks.num_classes("train") == 4 and tasks.num_classes("test") == 1
     corners = set()
     for seed in range(40):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_omniglot
-from metalstm.data import omniglot
+from metalstm.data import omniglot, omniglot_strokes
 from metalstm.errors import DataError
 
 
@@ -30,12 +30,15 @@ def test_download_checks_md5_and_saves_nothing_when_it_differs(mirror, tmp_path)
     assert not root.exists()  # no partial file, and not even the folder, left behind
 
 
-def test_download_lands_files_atomically(mirror, tmp_path, monkeypatch):
-    monkeypatch.setattr(omniglot, "SOURCES", {n: md5(mirror / f"{n}.zip") for n in omniglot.SOURCES})
+@pytest.mark.parametrize("official", [omniglot.SOURCES, omniglot_strokes.SOURCES])
+def test_download_lands_files_atomically(official, mirror, tmp_path):
+    sources = {n: md5(mirror / f"{n}.zip") for n in official}  # the fixture's md5s stand in for the official ones
     root = tmp_path / "fresh"
-    found = omniglot.find_sources(root, download=True)
-    assert sorted(p.name for p in root.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
-    assert found["images_background"] == root / "images_background.zip"
+    found = omniglot.find_sources(root, download=True, sources=sources)
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"{n}.zip" for n in official)
+    assert all(found[n] == root / f"{n}.zip" for n in official)
+    with pytest.raises(DataError, match="corrupt.*nothing was saved"):  # and the official md5s are checked
+        omniglot.find_sources(tmp_path / "other", download=True, sources=official)
 
 
 def test_offline_download_says_what_to_do(tmp_path, monkeypatch):

@@ -15,13 +15,18 @@ from torch.utils.data import DataLoader
 from metalstm.config import choose, from_dict
 from metalstm.data.episodes import EpisodeBatch, FixedEpisodes, TaskSource, TrainEpisodes
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot
-from metalstm.data.sinusoid import SinusoidConfig, SinusoidTasks
+from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot_strokes
+from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
+from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
 from metalstm.errors import ConfigError
 
 # name -> (config dataclass, builder)
 DATASETS: dict[str, tuple[type, Callable[[Any], TaskSource]]] = {
     "omniglot": (OmniglotConfig, build_omniglot),
     "sinusoid": (SinusoidConfig, SinusoidTasks),
+    "sinusoid_seq": (SinusoidSeqConfig, SinusoidSeqTasks),
+    "omniglot_strokes": (OmniglotStrokesConfig, build_omniglot_strokes),
+    "seq_tasks": (SeqTasksConfig, SeqTasks),
 }
 
 

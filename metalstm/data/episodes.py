@@ -36,8 +36,8 @@ class EpisodeBatch(NamedTuple):
 class TaskSource(Protocol):
     """A task distribution with train/val/test splits."""
 
-    task_type: str  # "classification" or "regression"
-    spec: dict  # TaskSpec: task_type, input_shape of one example, output_dim
+    task_type: str  # "classification", "regression", "seq2seq" or "forecast"
+    spec: dict  # TaskSpec: task_type, input_shape of one example, output_dim (vocab, output_length)
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
         """Draw ``num_tasks`` tasks of ``split`` as one stacked batch."""

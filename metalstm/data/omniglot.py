@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalstm.data.image_classes import ImageClassTasks
+from metalstm.data.class_tasks import ClassTasks
 from metalstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ class OmniglotConfig:
     eval_query: int = 15  # per class, validation and test
 
 
-def build_omniglot(cfg: OmniglotConfig) -> ImageClassTasks:
+def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
     if cfg.split not in SPLITS:
         raise ConfigError(f"data.split={cfg.split!r} is not an Omniglot split; choose one of {list(SPLITS)}.")
     if cfg.image_size < 4:
         raise ConfigError(f"data.image_size={cfg.image_size} is too small; use e.g. 28 (the standard).")
     images, names = load_omniglot(Path(cfg.root).expanduser(), cfg.image_size, cfg.invert, cfg.download, cfg.cache_dir)
     splits = split_characters(names, cfg.split, cfg.split_seed)
-    return ImageClassTasks(
+    return ClassTasks(
         images,
         {s: torch.tensor(v) for s, v in splits.items()},
         ways=cfg.ways,
@@ -79,10 +79,10 @@ def build_omniglot(cfg: OmniglotConfig) -> ImageClassTasks:
 # ----------------------------------------------------------------------------------------- files
 
 
-def find_sources(root: Path, download: bool) -> dict[str, Path]:
-    """The zip (preferred) or extracted folder of each official part, downloading if allowed."""
+def find_sources(root: Path, download: bool, sources: dict[str, str] = SOURCES) -> dict[str, Path]:
+    """The zip (preferred) or extracted folder of each official part (name -> md5), downloading if allowed."""
     found, missing = {}, []
-    for name in SOURCES:
+    for name in sources:
         zip_path, folder = root / f"{name}.zip", root / name
         if zip_path.is_file():
             found[name] = zip_path
@@ -92,27 +92,28 @@ def find_sources(root: Path, download: bool) -> dict[str, Path]:
             missing.append(name)
     if missing and download:
         for name in missing:
-            found[name] = download_zip(name, root)
+            found[name] = download_zip(name, root, sources)
         missing = []
     if missing:
         raise DataError(
-            f"Omniglot not found: looked for {', '.join(f'{m}.zip' for m in missing)} (or the extracted "
+            f"Omniglot files not found: looked for {', '.join(f'{m}.zip' for m in missing)} (or the extracted "
             f"folders) in {root.resolve()}. Point data.root at the folder that holds the official files "
             f"(e.g. data.root=../shared/data/omniglot), or set data.download=true to fetch them from {BASE_URL}."
         )
     return found
 
 
-def download_zip(name: str, root: Path) -> Path:
+def download_zip(name: str, root: Path, sources: dict[str, str] = SOURCES) -> Path:
     """Fetch ``name``.zip into ``root`` via a temporary file, check its md5, then rename atomically."""
+    wanted = " and ".join(f"{n}.zip" for n in sources)
     url, target = f"{BASE_URL}/{name}.zip", root / f"{name}.zip"
     created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(
-            f"Omniglot is not in {root} and cannot be downloaded there ({e.strerror}). Set data.root to a "
-            f"folder that holds images_background.zip and images_evaluation.zip, or to a writable folder."
+            f"{name}.zip is not in {root} and cannot be downloaded there ({e.strerror}). Set data.root to a "
+            f"folder that holds {wanted}, or to a writable folder."
         ) from e
     log.info("downloading %s -> %s", url, target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
@@ -122,17 +123,16 @@ def download_zip(name: str, root: Path) -> Path:
             while chunk := response.read(1 << 20):
                 md5.update(chunk)
                 out.write(chunk)
-        if md5.hexdigest() != SOURCES[name]:
+        if md5.hexdigest() != sources[name]:
             raise DataError(
-                f"The download of {url} is corrupt (md5 {md5.hexdigest()}, expected {SOURCES[name]}); "
+                f"The download of {url} is corrupt (md5 {md5.hexdigest()}, expected {sources[name]}); "
                 f"nothing was saved. Run again, or download it by hand into {root}."
             )
         os.replace(tmp_name, target)
     except OSError as e:  # URLError is an OSError
         raise DataError(
-            f"Omniglot is not in {root.resolve()} and downloading {url} failed ({getattr(e, 'reason', e)}). "
-            f"Without network, copy images_background.zip and images_evaluation.zip into that folder "
-            f"or point data.root at a folder that has them."
+            f"{name}.zip is not in {root.resolve()} and downloading {url} failed ({getattr(e, 'reason', e)}). "
+            f"Without network, copy {wanted} into that folder or point data.root at a folder that has them."
         ) from e
     finally:
         if os.path.exists(tmp_name):
@@ -155,15 +155,16 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_drawings(source: Path, name: str) -> dict[str, list[tuple[str, bytes]]]:
-    """character key ('images_background/<Alphabet>/characterNN') -> sorted [(file name, png bytes)]."""
+def read_drawings(source: Path, name: str, suffix: str = ".png") -> dict[str, list[tuple[str, bytes]]]:
+    """character key ('images_background/<Alphabet>/characterNN') -> sorted [(file name, bytes)]
+    of the drawing files (``suffix``: .png images, .txt pen strokes) in a zip or extracted folder."""
     characters: dict[str, list[tuple[str, bytes]]] = {}
     if source.is_file():
         try:
             with zipfile.ZipFile(source) as archive:
                 for member in archive.namelist():
                     parts = member.split("/")
-                    if member.endswith(".png") and len(parts) == 4 and parts[0] == name:
+                    if member.endswith(suffix) and len(parts) == 4 and parts[0] == name:
                         characters.setdefault("/".join(parts[:3]), []).append((parts[3], archive.read(member)))
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(
@@ -171,11 +172,11 @@ def read_drawings(source: Path, name: str) -> dict[str, list[tuple[str, bytes]]]
                 f"(data.download=true fetches it)."
             ) from e
     else:
-        for png in source.glob("*/*/*.png"):
-            key = f"{name}/{png.parent.parent.name}/{png.parent.name}"
-            characters.setdefault(key, []).append((png.name, png.read_bytes()))
+        for file in source.glob(f"*/*/*{suffix}"):
+            key = f"{name}/{file.parent.parent.name}/{file.parent.name}"
+            characters.setdefault(key, []).append((file.name, file.read_bytes()))
     if not characters:
-        raise DataError(f"{source} holds no drawings in the official layout ({name}/<Alphabet>/<character>/*.png).")
+        raise DataError(f"{source} holds no drawings in the official layout ({name}/<Alphabet>/<character>/*{suffix}).")
     return {k: sorted(v) for k, v in characters.items()}
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 from metalstm.config import choose, from_dict
 from metalstm.learners.base import BaseLearner, Params, TaskSpec
 from metalstm.learners.conv4 import Conv4, Conv4Config
+from metalstm.learners.lstm import LSTMEncoder, LSTMEncoderConfig, LSTMSeq2Seq, LSTMSeq2SeqConfig
 from metalstm.learners.mlp import MLP, MLPConfig
 
 BASE_LEARNERS: dict[str, tuple[type, type[BaseLearner]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
+    "lstm_encoder": (LSTMEncoderConfig, LSTMEncoder),
+    "lstm_seq2seq": (LSTMSeq2SeqConfig, LSTMSeq2Seq),
 }
 
 

@@ -1,7 +1,7 @@
 """The functional interface every base learner offers to every meta-learner."""
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -12,9 +12,11 @@ Params = dict[str, Tensor]
 class TaskSpec(TypedDict):
     """What a data set tells a base learner about its tasks (plain data, no imports either way)."""
 
-    task_type: str  # "classification" | "regression"
-    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28) or (1,)
-    output_dim: int  # ways for classification, target size for regression
+    task_type: str  # "classification" | "regression" | "seq2seq" (a token sequence per example)
+    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28), (1,), (length,) tokens, (length, features)
+    output_dim: int  # ways for classification, target size for regression, vocabulary for seq2seq
+    vocab: NotRequired[int]  # inputs are token ids 0..vocab-1 (0 = padding)
+    output_length: NotRequired[int]  # targets are sequences of this many steps
 
 
 class BaseLearner(nn.Module):
@@ -37,12 +39,15 @@ class BaseLearner(nn.Module):
         """The meta-learned parameters (leaves), keyed by name."""
         return dict(self.named_parameters())
 
-    def forward(self, x: Tensor, embed: bool = False) -> Tensor:
+    def forward(self, x: Tensor, embed: bool = False, targets: Tensor | None = None) -> Tensor:
         features = self.body(x)
         return features if embed else self.head(features)
 
-    def forward_with(self, params: Params, x: Tensor) -> Tensor:
-        return functional_call(self, params, (x,))
+    def forward_with(self, params: Params, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Outputs on x. ``targets``: the support or training targets, which a learner that decodes
+        sequences reads as its previous outputs (teacher forcing); others ignore them. Leave them
+        out for predictions."""
+        return functional_call(self, params, (x,), {"targets": targets})
 
     def embed_with(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self, params, (x,), {"embed": True})

@@ -25,7 +25,7 @@ class Conv4(BaseLearner):
         if len(spec["input_shape"]) != 3:
             raise ConfigError(
                 f"base_learner=conv4 needs image inputs [channels, height, width], but this data set's examples "
-                f"have shape {list(spec['input_shape'])}; use base_learner=mlp."
+                f"have shape {list(spec['input_shape'])}; use base_learner=mlp (or an LSTM for sequences)."
             )
         in_channels, image_size, width = spec["input_shape"]
         if image_size != width:

@@ -22,6 +22,9 @@ class MLP(BaseLearner):
         super().__init__()
         if not cfg.hidden or any(h < 1 for h in cfg.hidden):
             raise ConfigError(f"base_learner.hidden={list(cfg.hidden)} must hold one or more positive layer widths.")
+        if spec.get("vocab") is not None or spec.get("output_length"):
+            raise ConfigError("base_learner=mlp maps a real-valued input to one output, but this data set's examples are "
+                              "sequences; use base_learner=lstm_seq2seq or lstm_encoder.")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(spec["input_shape"])
         for h in cfg.hidden:

@@ -26,7 +26,7 @@ class MetaLearner(nn.Module, ABC):
     it never imports a data set or a concrete network.
     """
 
-    task_types: tuple[str, ...] = ("classification", "regression")  # what it can learn
+    task_types: tuple[str, ...] = ("classification", "regression", "seq2seq", "forecast")  # what it can learn
 
     def __init__(self, learner: BaseLearner, loss_fn: LossFn):
         super().__init__()

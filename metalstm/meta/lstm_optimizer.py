@@ -16,7 +16,8 @@ variant="andrychowicz" (Andrychowicz et al. 2016): a 2-layer LSTM maps the gradi
     theta_t = theta_{t-1} + output_scale * W h_t,
 unrolled over the inner steps, backpropagating through the last ``truncation`` of them.
 Both learn theta_0 when ``learn_init`` (the few-shot setting); the meta-loss is the query loss
-after the last inner step.
+after the last inner step. The tasks of a meta-batch run together: their coordinates are rows of
+one LSTM batch and their support gradients come from one ``vmap(grad(...))``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 
 from metalstm.data.episodes import EpisodeBatch
 from metalstm.errors import ConfigError
@@ -89,22 +91,34 @@ class LSTMOptimizer(MetaLearner):
         return torch.cat([p.flatten() for p in self.learner.params().values()])
 
     def unflatten(self, flat: Tensor) -> Params:
+        """[..., P] -> parameter dict with the same leading dims."""
         sizes = [math.prod(s) for s in self.shapes.values()]
-        return {k: chunk.view(shape) for (k, shape), chunk in zip(self.shapes.items(), flat.split(sizes))}
+        chunks = flat.split(sizes, dim=-1)
+        return {k: c.reshape(*flat.shape[:-1], *shape) for (k, shape), c in zip(self.shapes.items(), chunks)}
 
-    def support_gradient(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Loss and gradient at theta on the support set, as constants (no second order)."""
-        point = theta.detach().requires_grad_()
-        with torch.enable_grad():
-            loss = self.loss_fn(self.learner.forward_with(self.unflatten(point), x), y)
-            (grad,) = torch.autograd.grad(loss, point)
-        return loss.detach(), grad
+    def task_loss(self, flat: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss = self.loss_fn(self.learner.forward_with(self.unflatten(flat), x, y), y)
+        return loss, loss.detach()
+
+    def support_gradients(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """theta [tasks, P], support x [tasks, n, ...] -> loss [tasks] and gradient [tasks, P], as
+        constants (no second order); all tasks at once."""
+        grad, loss = vmap(torch.func.grad(self.task_loss, has_aux=True))(theta.detach(), x, y)
+        return loss, grad
+
+    def query_outputs(self, theta: Tensor, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """theta [tasks, P], x [tasks, n, ...] -> outputs [tasks, n, out]; y: targets for teacher forcing."""
+        if y is None:
+            return vmap(lambda flat, xs: self.learner.forward_with(self.unflatten(flat), xs))(theta, x)
+        return vmap(lambda flat, xs, ys: self.learner.forward_with(self.unflatten(flat), xs, ys))(theta, x, y)
 
     # ------------------------------------------------------------------ the learned update
 
     def optimize(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
-        """Run the learned optimizer for ``steps`` on one support set; returns the flat theta_T."""
-        theta = self.flat_init()
+        """Run the learned optimizer for ``steps`` on a batch of support sets x [tasks, n, ...];
+        returns theta_T [tasks, P]. Every coordinate of every task is one row of the LSTM's batch."""
+        tasks = y.shape[0]
+        theta = self.flat_init().expand(tasks, -1)
         n, h = theta.numel(), self.cfg.hidden
         zeros = theta.new_zeros
         if self.cfg.variant == "ravi":
@@ -112,35 +126,30 @@ class LSTMOptimizer(MetaLearner):
         else:
             state, state2 = (zeros(n, h), zeros(n, h)), (zeros(n, h), zeros(n, h))
         for step in range(steps):
-            loss, grad = self.support_gradient(theta, x, y)
+            loss, grad = self.support_gradients(theta, x, y)
+            grad, flat = grad.flatten(), theta.flatten()
             if self.cfg.variant == "ravi":
-                features = torch.cat([preprocess(loss, self.cfg.preprocess_p).expand(n, 2),
-                                      preprocess(grad, self.cfg.preprocess_p)], -1)
-                state = self.input_lstm(features, state)
-                i_prev = torch.sigmoid(torch.cat([state[0], theta[:, None], i_prev[:, None]], -1) @ self.w_input + self.b_input)
-                f_prev = torch.sigmoid(torch.cat([state[0], theta[:, None], f_prev[:, None]], -1) @ self.w_forget + self.b_forget)
-                theta = f_prev * theta - i_prev * grad
+                loss_features = preprocess(loss, self.cfg.preprocess_p).repeat_interleave(theta.shape[1], 0)
+                state = self.input_lstm(torch.cat([loss_features, preprocess(grad, self.cfg.preprocess_p)], -1), state)
+                i_prev = torch.sigmoid(torch.cat([state[0], flat[:, None], i_prev[:, None]], -1) @ self.w_input + self.b_input)
+                f_prev = torch.sigmoid(torch.cat([state[0], flat[:, None], f_prev[:, None]], -1) @ self.w_forget + self.b_forget)
+                flat = f_prev * flat - i_prev * grad
             else:
                 if self.cfg.truncation and step and step % self.cfg.truncation == 0:
-                    theta, state, state2 = theta.detach(), tuple(s.detach() for s in state), tuple(s.detach() for s in state2)
+                    flat, state, state2 = flat.detach(), tuple(s.detach() for s in state), tuple(s.detach() for s in state2)
                 state = self.lstm1(preprocess(grad, self.cfg.preprocess_p), state)
                 state2 = self.lstm2(state[0], state2)
-                theta = theta + self.cfg.output_scale * self.out(state2[0]).squeeze(-1)
+                flat = flat + self.cfg.output_scale * self.out(state2[0]).squeeze(-1)
+            theta = flat.view(tasks, -1)
         return theta
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        losses, outputs = [], []
-        for sx, sy, qx, qy in zip(*batch):
-            theta = self.optimize(sx, sy, self.cfg.inner_steps)
-            out = self.learner.forward_with(self.unflatten(theta), qx)
-            losses.append(self.loss_fn(out, qy))
-            outputs.append(out.detach())
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(outputs))
+        theta = self.optimize(batch.support_x, batch.support_y, self.cfg.inner_steps)
+        outputs = self.query_outputs(theta, batch.query_x, batch.query_y)
+        loss = torch.stack([self.loss_fn(o, y) for o, y in zip(outputs, batch.query_y)]).mean()
+        return MetaOutput(loss, outputs.detach())
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
-        outputs = []
-        with torch.no_grad():  # support_gradient enables grad for itself
-            for sx, sy, qx, _ in zip(*batch):
-                theta = self.optimize(sx, sy, self.cfg.test_inner_steps)
-                outputs.append(self.learner.forward_with(self.unflatten(theta), qx))
-        return torch.stack(outputs)
+        with torch.no_grad():  # the support gradients are taken by torch.func.grad regardless
+            theta = self.optimize(batch.support_x, batch.support_y, self.cfg.test_inner_steps)
+            return self.query_outputs(theta, batch.query_x)

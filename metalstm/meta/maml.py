@@ -91,19 +91,19 @@ class MAML(MetaLearner):
         return {**params, **{n: self.step_norms[key(n)][min(step, last)] for n in self.norm_names}}
 
     def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool,
-              query: Tensor | None = None) -> tuple[Params, list[Tensor]]:
+              query: tuple[Tensor, Tensor] | None = None) -> tuple[Params, list[Tensor]]:
         """``steps`` gradient steps on one task's support set (x [n, ...], y [n(, out)]).
 
-        Returns phi_S and, when ``query`` is given, the query outputs after every step (for MSL).
+        Returns phi_S and, when ``query`` (x, y) is given, the query outputs after every step (for MSL).
         """
         query_outputs = []
         for step in range(steps):
             current = self.with_step_norms(params, step)
-            loss = self.loss_fn(self.learner.forward_with(current, x), y)
+            loss = self.loss_fn(self.learner.forward_with(current, x, y), y)
             grads = torch.autograd.grad(loss, [params[n] for n in self.adapted], create_graph=create_graph)
             params = {**params, **{n: params[n] - self.step_size(n, step) * g for n, g in zip(self.adapted, grads)}}
             if query is not None:
-                query_outputs.append(self.learner.forward_with(self.with_step_norms(params, step + 1), query))
+                query_outputs.append(self.learner.forward_with(self.with_step_norms(params, step + 1), *query))
         return params, query_outputs
 
     def step_weights(self, steps: int) -> Tensor:
@@ -121,12 +121,13 @@ class MAML(MetaLearner):
         multi_step = self.cfg.multi_step_loss and steps > 1
         losses, outputs = [], []
         for sx, sy, qx, qy in zip(*batch):
-            phi, per_step = self.adapt(theta, sx, sy, steps, create_graph=not first_order, query=qx if multi_step else None)
+            phi, per_step = self.adapt(theta, sx, sy, steps, create_graph=not first_order,
+                                       query=(qx, qy) if multi_step else None)
             if multi_step:
                 losses.append(sum(w * self.loss_fn(out, qy) for w, out in zip(self.step_weights(steps), per_step)))
                 out = per_step[-1]
             else:
-                out = self.learner.forward_with(self.with_step_norms(phi, steps), qx)
+                out = self.learner.forward_with(self.with_step_norms(phi, steps), qx, qy)
                 losses.append(self.loss_fn(out, qy))
             outputs.append(out.detach())
         return MetaOutput(torch.stack(losses).mean(), torch.stack(outputs))

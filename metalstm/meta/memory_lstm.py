@@ -1,13 +1,17 @@
 """Memory-based meta-learning (Hochreiter et al. 2001; Santoro et al. 2016): learning in the activations.
 
-The support set is read as a sequence of (embedding of x_t, label of x_t); the LSTM's state after
-it holds what the task is. Each query x_q then takes one step from that state with an empty label
-slot and the state is read out as its prediction — every query position is predicted, each
-independently of the others. The embedding is the base learner's ``embed_with`` (Conv-4 for
+The support set is read as a sequence of (embedding of x_t, label of the previous step y_{t-1}), the
+papers' offset form (``labels: previous``): the LSTM must bind each label to the input it saw one
+step earlier. The state after the support set holds what the task is. Each query x_q then takes one
+step from that state, its label slot carrying the last support label y_N (which the LSTM has not
+read yet), and that step is read out as its prediction — every query position is predicted, each
+independently of the others. ``labels: current`` reads (x_t, y_t) pairs instead, with an empty
+label slot for the queries (SNAIL's form). The embedding is the base learner's ``embed_with`` (Conv-4 for
 images, the MLP's last hidden layer for sinusoid); no gradient step adapts anything at test time.
 With ``attention`` a SNAIL-style (Mishra et al. 2018) soft attention lets each query also read every
-support position; as in SNAIL's dense blocks, keys and values are the position's input
-(embedding, label) concatenated with the LSTM's output there.
+support position; as in SNAIL's dense blocks, keys and values are the position's (embedding, label)
+concatenated with the LSTM's output there. A key pairs x_t with its own label y_t, which in the offset
+form arrives one step later: the key spans two input steps, as SNAIL's causal convolutions do.
 """
 from __future__ import annotations
 
@@ -26,15 +30,19 @@ from metalstm.meta.base import MetaLearner, MetaOutput
 class MemoryLSTMConfig:
     hidden: int = 128
     layers: int = 1
+    labels: str = "previous"  # previous: (x_t, y_{t-1}), Hochreiter/Santoro | current: (x_t, y_t), SNAIL
     attention: bool = False
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 
 
 class MemoryLSTM(MetaLearner):
+    task_types = ("classification", "regression")  # one label per example fills the label slot
     def __init__(self, learner, loss_fn, spec, cfg: MemoryLSTMConfig):
         super().__init__(learner, loss_fn)
         if cfg.hidden < 1 or cfg.layers < 1:
             raise ConfigError("meta_learner.hidden and meta_learner.layers must be >= 1.")
+        if cfg.labels not in ("previous", "current"):
+            raise ConfigError(f"meta_learner.labels={cfg.labels!r}; choose previous (x_t with y_t-1) or current.")
         self.cfg = cfg
         self.classification = spec["task_type"] == "classification"
         self.label_dim = spec["output_dim"]
@@ -63,15 +71,21 @@ class MemoryLSTM(MetaLearner):
             sy = sy.gather(1, order.view(*order.shape, *[1] * (sy.dim() - 2)).expand_as(sy))
         z = self.embed(torch.cat([sx, qx], 1))
         z_support, z_query = z[:, : sx.shape[1]], z[:, sx.shape[1] :]
-        support_in = torch.cat([z_support, self.label_slot(sy)], -1)
-        support_out, (h, c) = self.lstm(support_in)
+        labels = self.label_slot(sy)  # [B, n_s, label_dim]
         b, n_q = z_query.shape[:2]
-        # each query: one step from the state after the support set, label slot empty
-        query_in = torch.cat([z_query, z_query.new_zeros(b, n_q, self.label_dim)], -1)
+        if self.cfg.labels == "previous":  # shift by one step; the last label comes with the queries
+            support_labels = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
+            query_labels = labels[:, -1:].expand(b, n_q, -1)
+        else:
+            support_labels, query_labels = labels, labels.new_zeros(b, n_q, self.label_dim)
+        support_in = torch.cat([z_support, support_labels], -1)
+        support_out, (h, c) = self.lstm(support_in)
+        # each query: one step from the state after the support set
+        query_in = torch.cat([z_query, query_labels], -1)
         state = (h.repeat_interleave(n_q, 1), c.repeat_interleave(n_q, 1))
         read = self.lstm(query_in.reshape(b * n_q, 1, -1), state)[0].view(b, n_q, -1)
         if self.cfg.attention:
-            keys = torch.cat([support_in, support_out], -1)
+            keys = torch.cat([z_support, labels, support_out], -1)  # x_t with its own label y_t
             scores = self.attend_query(torch.cat([query_in, read], -1)) @ self.attend_key(keys).transpose(1, 2)
             read = torch.cat([read, (scores / self.cfg.hidden**0.5).softmax(-1) @ keys], -1)
         return self.readout(read)

@@ -1,4 +1,4 @@
-"""N-way K-shot episodes over a labelled image tensor (Omniglot, or any class-folder data set)."""
+"""N-way K-shot episodes over a labelled tensor of examples (Omniglot images, pen trajectories, ...)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,12 +10,13 @@ from metalstm.data.episodes import SPLITS, EpisodeBatch
 from metalstm.errors import ConfigError
 
 
-class ImageClassTasks:
-    """Samples classification episodes by index arithmetic on one uint8 tensor.
+class ClassTasks:
+    """Samples classification episodes by index arithmetic on one tensor.
 
-    images: uint8 [num_classes, samples_per_class, channels, H, W], values 0..255.
+    images: the examples [num_classes, samples_per_class, ...]: uint8 images [.., channels, H, W]
+        (0..255, served as floats in [0, 1]) or float examples of any shape (served as they are).
     split_classes: for each of train/val/test, the indices of its classes (pairwise disjoint).
-    rotate_splits: splits whose classes are augmented with 90/180/270-degree rotations,
+    rotate_splits: splits whose image classes are augmented with 90/180/270-degree rotations,
         each rotation counted as a new class (Santoro et al. 2016, Vinyals et al. 2016).
     """
 
@@ -33,8 +34,8 @@ class ImageClassTasks:
         info: dict | None = None,
         train_shots: int | None = None,
     ):
-        if images.dtype != torch.uint8 or images.dim() != 5:
-            raise ValueError("images must be uint8 [classes, samples, channels, H, W]")
+        if (images.dtype == torch.uint8) != (images.dim() == 5) or images.dim() < 3:
+            raise ValueError("examples must be uint8 images [classes, samples, channels, H, W] or float [classes, samples, ...]")
         self.images, self.ways, self.shots = images, ways, shots
         self.train_shots = shots if train_shots is None else train_shots
         self.query, self.eval_query = query, eval_query
@@ -45,6 +46,8 @@ class ImageClassTasks:
 
     def _check(self) -> None:
         unknown = set(self.rotate_splits) - set(SPLITS)
+        if self.rotate_splits and self.images.dtype != torch.uint8:
+            raise ConfigError("data.rotate_splits rotates images, but this data set's examples are not images; set it to [].")
         if unknown:
             raise ConfigError(f"data.rotate_splits has unknown split(s) {sorted(unknown)}; use any of {list(SPLITS)}.")
         seen: set[int] = set()
@@ -95,8 +98,9 @@ class ImageClassTasks:
             mask = rotation == k
             if mask.any():
                 x[mask] = torch.rot90(x[mask], k, dims=(-2, -1))
-        x = x.float().div_(255.0)
-        shape = x.shape[-3:]
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        shape = x.shape[3:]
         labels = torch.arange(self.ways)
         return EpisodeBatch(
             support_x=x[:, :, :shots].reshape(num_tasks, -1, *shape),
@@ -115,5 +119,5 @@ class ImageClassTasks:
             "eval_query": self.eval_query,
             "classes": {s: self.num_classes(s) for s in SPLITS},
             "rotate_splits": list(self.rotate_splits),
-            "image_shape": list(self.images.shape[2:]),
+            "example_shape": list(self.images.shape[2:]),
         }
