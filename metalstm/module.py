@@ -36,11 +36,12 @@ class MetaLearningModule(pl.LightningModule):
     """Training step = one outer update over a meta-batch; val/test = adaptation on fixed tasks.
 
     Uses manual optimisation, so clipping happens here (``optim.grad_clip``), not on the trainer.
-    ``config`` is the run's resolved config as plain data; it is stored in every checkpoint
-    so ``eval.py`` can rebuild the run without pickled objects.
+    ``config`` is the run's resolved config as plain data and ``spec`` its task spec; both are stored in
+    every checkpoint so ``eval.py`` and ``load_learner`` can rebuild the run without pickled objects.
     """
 
-    def __init__(self, meta_learner: MetaLearner, objective: Objective, optim: OptimConfig, config: dict | None = None):
+    def __init__(self, meta_learner: MetaLearner, objective: Objective, optim: OptimConfig, config: dict | None = None,
+                 spec: dict | None = None):
         super().__init__()
         if optim.meta_lr <= 0:
             raise ConfigError(f"optim.meta_lr={optim.meta_lr} must be positive.")
@@ -51,6 +52,7 @@ class MetaLearningModule(pl.LightningModule):
         self.automatic_optimization = False
         self.meta_learner, self.objective, self.optim = meta_learner, objective, optim
         self.config = config or {}
+        self.spec = dict(spec or {})  # the TaskSpec it was built for: load_learner rebuilds it without the data
         self.last_finite_loss: float | None = None
         self._per_task: dict[str, list[Tensor]] = {}
         self.test_summary: dict[str, float] = {}
@@ -149,4 +151,4 @@ class MetaLearningModule(pl.LightningModule):
         self.test_summary = summary
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["metalstm"] = {"format": CHECKPOINT_FORMAT, "config": self.config}
+        checkpoint["metalstm"] = {"format": CHECKPOINT_FORMAT, "config": self.config, "spec": self.spec}

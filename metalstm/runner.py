@@ -43,12 +43,16 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
 def build(config: dict) -> tuple[MetaLearningModule, FewShotDataModule]:
     """Module and data from a resolved config (plain dict): base learner + meta-learner + task source."""
     datamodule = build_datamodule(config["data"], seed=config["seed"])
-    objective = get_objective(datamodule.source.task_type)
-    spec = datamodule.source.spec
+    return build_module(config, datamodule.source.spec), datamodule
+
+
+def build_module(config: dict, spec: dict) -> MetaLearningModule:
+    """The module for tasks described by ``spec`` (a TaskSpec), without touching any data."""
+    objective = get_objective(spec["task_type"])
     learner = build_base_learner(config["base_learner"], spec)
     meta_learner = build_meta_learner(config["meta_learner"], learner, objective.loss, spec)
     optim = from_dict(OptimConfig, config.get("optim", {}), "optim")
-    return MetaLearningModule(meta_learner, objective, optim, config=config), datamodule
+    return MetaLearningModule(meta_learner, objective, optim, config=config, spec=spec)
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -57,6 +61,17 @@ def check_accelerator(accelerator: str) -> None:
             f"trainer.accelerator={accelerator} asks for a GPU, but torch sees none (torch.cuda.is_available() is "
             f"False; torch {torch.__version__}). Use trainer=cpu, or run on a machine with a CUDA GPU and a CUDA build of torch."
         )
+
+
+MATMUL_PRECISION = ("highest", "high", "medium")
+
+
+def set_matmul_precision(precision: str) -> None:
+    """float32 matmul/conv precision; ``high`` lets Ampere+ GPUs use TF32 (cuDNN convolutions too)."""
+    if precision not in MATMUL_PRECISION:
+        raise ConfigError(f"matmul_precision={precision!r}; choose one of {list(MATMUL_PRECISION)}.")
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
 
 
 def experiment_name() -> str:
@@ -122,6 +137,7 @@ def train(cfg: DictConfig) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(config["paths"]["output_dir"])
     check_accelerator(str(config["trainer"].get("accelerator", "auto")))
+    set_matmul_precision(config.get("matmul_precision", "highest"))
     pl.seed_everything(config["seed"], workers=True, verbose=False)
 
     module, datamodule = build(config)

@@ -156,3 +156,17 @@ def test_sequence_experiments_take_every_meta_learner_that_applies(experiment, m
     predictions = module.meta_learner.predict(batch)
     assert predictions.shape[:2] == batch.query_x.shape[:2]
     assert all(torch.isfinite(v).all() for v in module.objective.task_metrics(predictions, batch.query_y).values())
+
+
+def test_matmul_precision_switch(tmp_path):
+    from metalstm.runner import set_matmul_precision
+
+    assert compose_train([], tmp_path).matmul_precision == "highest"  # exact fp32 unless asked
+    try:
+        set_matmul_precision("high")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        with pytest.raises(ConfigError, match="matmul_precision='tf32'.*highest"):
+            set_matmul_precision("tf32")
+    finally:
+        set_matmul_precision("highest")
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32

@@ -1,6 +1,7 @@
 """MAML's meta-gradient: second order differs from first order and matches finite differences."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import central_differences
@@ -43,7 +44,7 @@ def test_first_order_differs_from_second_order_and_equals_query_gradient_at_adap
     expected = torch.zeros_like(fo)
     for sx, sy, qx, qy in zip(*batch):
         theta = {k: v.detach().requires_grad_() for k, v in maml.learner.params().items()}
-        phi = {k: v.detach().requires_grad_() for k, v in maml.adapt(theta, sx, sy, 2, create_graph=False)[0].items()}
+        phi = {k: v.detach().requires_grad_() for k, v in maml.adapt(theta, sx, sy, 2, first_order=True)[0].items()}
         loss = maml.loss_fn(maml.learner.forward_with(phi, qx), qy)
         expected += torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(phi.values()))]) / 2
     assert torch.allclose(fo, expected, rtol=1e-9, atol=1e-12)
@@ -144,3 +145,54 @@ def test_first_order_until_switches_to_second_order():
     assert torch.allclose(grad(annealed), grad(fo_ref), atol=1e-6)
     annealed.progress = 0.7
     assert torch.allclose(grad(annealed), grad(so_ref), atol=1e-6)
+
+
+# ------------------------------------------------------------------ vectorised inner loop
+
+
+def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, EpisodeBatch]:
+    """A tiny task of each base learner's kind: 3 tasks, 3 inner steps."""
+    from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
+    from metalstm.learners import build_base_learner
+    from metalstm.objectives import get_objective
+
+    g = torch.Generator().manual_seed(1)
+    if base == "lstm_seq2seq":
+        source = SeqTasks(SeqTasksConfig(shots=3, query=4, max_length=5))
+        spec, batch = source.spec, source.sample("train", 3, g)
+        cfg = {"name": base, "hidden": 6, "input_dim": 4}
+    else:
+        shapes = {"conv4": (1, 8, 8), "mlp": (5,), "lstm_encoder": (4, 2)}
+        spec = {"task_type": "classification", "input_shape": shapes[base], "output_dim": 3}
+        cfg = {"name": base, **({"filters": 4, "blocks": 2} if base == "conv4" else {"hidden": [8]} if base == "mlp"
+                                else {"hidden": 6, "input_dim": 4})}
+        x = torch.rand(3, 9, *shapes[base], generator=g)
+        y = torch.arange(3).repeat(3).expand(3, -1)
+        batch = EpisodeBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+    torch.manual_seed(0)
+    learner = build_base_learner(cfg, spec)
+    maml = MAML(learner, get_objective(spec["task_type"]).loss, spec,
+                MAMLConfig(inner_lr=0.3, inner_steps=3, test_inner_steps=4, vectorize=vectorize, **options))
+    return maml, batch
+
+
+VECTORIZE_CASES = [("conv4", {}), ("conv4", {"first_order": True}),
+                   ("conv4", {"learned_lr": "per_layer_per_step", "per_step_bn": True, "multi_step_loss": True}),
+                   ("mlp", {"learned_lr": "per_parameter"}), ("lstm_encoder", {}), ("lstm_seq2seq", {})]
+
+
+@pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])
+def test_vmapped_tasks_give_the_per_task_loops_meta_gradient(base, options, caplog):
+    results = {}
+    for mode in ("loop", "vmap"):
+        maml, batch = vectorize_problem(base, mode, **options)
+        out = maml.meta_loss(batch)
+        out.loss.backward()
+        results[mode] = (out.loss.detach(), out.query_outputs,
+                         [p.grad.clone() for p in maml.parameters() if p.grad is not None], maml.predict(batch))
+        assert not maml.vmap_failed  # really vectorised, no silent fallback
+    (loss, outputs, grads, predictions), (v_loss, v_outputs, v_grads, v_predictions) = results["loop"], results["vmap"]
+    assert torch.allclose(loss, v_loss, atol=1e-6) and torch.allclose(outputs, v_outputs, atol=1e-5)
+    assert len(grads) == len(v_grads) and grads
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, v_grads))
+    assert torch.allclose(predictions, v_predictions, atol=1e-5)

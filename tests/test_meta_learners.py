@@ -148,7 +148,7 @@ def test_reptile_outer_step_moves_theta_toward_the_adapted_weights():
     batch = image_tasks().sample("train", 3, torch.Generator().manual_seed(0))
     theta = {k: v.detach().clone() for k, v in reptile.learner.params().items()}
     torch.manual_seed(1)
-    phi = reptile.adapt(batch.support_x, batch.support_y, 3)
+    phi, _ = reptile.adapt(batch.support_x, batch.support_y, 3)
     torch.manual_seed(1)  # same minibatch order inside meta_loss
     optimizer = reptile.outer_optimizer(meta_lr=123.0)  # Reptile ignores optim.meta_lr
     optimizer.zero_grad()
@@ -170,7 +170,7 @@ def test_reptile_adapts_all_tasks_at_once_as_a_per_task_loop_would(inner_optimiz
     cfg = ReptileConfig(inner_steps=4, inner_batch_size=3, inner_lr=0.01, inner_optimizer=inner_optimizer)
     reptile = Reptile(learner, Classification().loss, spec, cfg)
     x, y = torch.randn(3, 5, 1, 8, 8), torch.randint(0, 5, (3, 5))
-    phi = reptile.adapt(x, y, 4, torch.Generator().manual_seed(7))
+    phi, _ = reptile.adapt(x, y, 4, torch.Generator().manual_seed(7))
     order = torch.rand(3, 5, generator=torch.Generator().manual_seed(7)).argsort(dim=1)
     for t in range(3):
         ref = {k: v.detach().clone().requires_grad_() for k, v in learner.params().items()}
@@ -185,6 +185,38 @@ def test_reptile_adapts_all_tasks_at_once_as_a_per_task_loop_would(inner_optimiz
             opt.step()
         for k, weight in ref.items():
             assert torch.allclose(phi[k][t], weight, atol=1e-5), k
+
+
+def test_reptile_carries_adams_second_moment_across_tasks():
+    """As the paper's code: a task's inner Adam continues from the running second moment of earlier tasks."""
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    torch.manual_seed(0)
+    learner = MLP(MLPConfig(hidden=[8]), spec)
+    reptile = Reptile(learner, Classification().loss, spec, ReptileConfig(inner_steps=3, inner_lr=0.01))
+    first = image_tasks().sample("train", 3, torch.Generator().manual_seed(0))
+    reptile.meta_loss(first)
+    carried, t = reptile.carried_moments()
+    assert t == 3 and all(v.abs().sum() > 0 for v in carried.values())
+    carried = {k: v.clone() for k, v in carried.items()}
+    reptile.predict(first)  # evaluation starts from the carried state and leaves it unchanged
+    assert all(torch.equal(v, reptile.carried_moments()[0][k]) for k, v in carried.items())
+    x, y = torch.randn(1, 5, 1, 4, 4), torch.randint(0, 5, (1, 5))
+    phi, _ = reptile.adapt(x, y, 2, torch.Generator().manual_seed(7))
+    order = torch.rand(1, 5, generator=torch.Generator().manual_seed(7)).argsort(dim=1)
+    ref = {k: v.detach().clone().requires_grad_() for k, v in learner.params().items()}
+    opt = torch.optim.Adam(ref.values(), lr=0.01, betas=(0.0, 0.999))
+    for k, p in ref.items():
+        opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": carried[k].clone()}
+    for step in range(2):
+        idx = order[0, (torch.arange(5) + 5 * step) % 5]
+        opt.zero_grad()
+        Classification().loss(learner.forward_with(ref, x[0, idx]), y[0, idx]).backward()
+        opt.step()
+    for k, weight in ref.items():
+        assert torch.allclose(phi[k][0], weight, atol=1e-6), k
+    fresh = Reptile(learner, Classification().loss, spec, ReptileConfig(inner_lr=0.01, carry_adam_state=False))
+    fresh_phi, _ = fresh.adapt(x, y, 2, torch.Generator().manual_seed(7))
+    assert not torch.allclose(fresh_phi["head.weight"], phi["head.weight"])
 
 
 def test_protonet_classifies_by_distance_to_class_means():

@@ -182,7 +182,12 @@ def read_drawings(source: Path, name: str, suffix: str = ".png") -> dict[str, li
 
 def decode(png: bytes, size: int, invert: bool) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as image:
-        pixels = np.asarray(image.convert("L").resize((size, size), Image.LANCZOS), dtype=np.uint8)
+        return prepare_image(image, size, invert)
+
+
+def prepare_image(image: Image.Image, size: int, invert: bool) -> np.ndarray:
+    """Any image -> uint8 [size, size] grayscale, as the training images were made (strokes 255 if inverted)."""
+    pixels = np.asarray(image.convert("L").resize((size, size), Image.LANCZOS), dtype=np.uint8)
     return 255 - pixels if invert else pixels
 
 

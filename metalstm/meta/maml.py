@@ -3,7 +3,7 @@
 Inner loop, per task i, from the meta-learned initialisation theta:
     phi_0 = theta,   phi_{s+1} = phi_s - alpha_s * grad_phi L_support_i(phi_s)
 Outer loop: theta <- theta - meta_lr * grad_theta  mean_i L_query_i(phi_S).
-Second order differentiates through every grad_phi (create_graph=True); first order
+Second order differentiates through every grad_phi; first order
 (FOMAML) treats each inner gradient as a constant, so d phi_S / d theta = I.
 
 MAML++ options, each off by default:
@@ -17,17 +17,24 @@ MAML++ options, each off by default:
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vmap
 
 from metalstm.data.episodes import EpisodeBatch
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, Params, TaskSpec
+from metalstm.learners.base import BaseLearner, Params, TaskSpec, tasks_vmapped
 from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
 
 LEARNED_LR = ("none", "per_layer_per_step", "per_parameter")
+VECTORIZE = ("auto", "vmap", "loop")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +48,9 @@ class MAMLConfig:
     learned_lr: str = "none"  # none | per_layer_per_step (LSLR) | per_parameter (Meta-SGD)
     per_step_bn: bool = False
     first_order_until: float = 0.0  # fraction of meta-training run first-order
+    # vmap: a meta-batch's tasks adapt together; loop: one task at a time; auto: vmap, except a per-task loop
+    # for convolutional learners on CPU (measured faster there, README Performance). Same meta-gradient.
+    vectorize: str = "auto"
 
 
 def key(name: str) -> str:
@@ -58,7 +68,11 @@ class MAML(MetaLearner):
             raise ConfigError(f"meta_learner.learned_lr={cfg.learned_lr!r}; choose one of {list(LEARNED_LR)}.")
         if not 0 < cfg.msl_fraction <= 1 or not 0 <= cfg.first_order_until <= 1:
             raise ConfigError("meta_learner.msl_fraction must be in (0, 1] and first_order_until in [0, 1].")
+        if cfg.vectorize not in VECTORIZE:
+            raise ConfigError(f"meta_learner.vectorize={cfg.vectorize!r}; choose one of {list(VECTORIZE)}.")
         self.cfg = cfg
+        self.vmap_checked = self.vmap_failed = False  # vmap tried once; a learner it cannot batch falls back
+        self.vmapping = False  # inside over_tasks' vmap
         params = learner.params()
         self.norm_names = {f"{m}.{p}" for m, mod in learner.named_modules()
                            if isinstance(mod, nn.modules.batchnorm._BatchNorm) for p in ("weight", "bias")}
@@ -90,21 +104,29 @@ class MAML(MetaLearner):
         last = self.step_norms[key(next(iter(self.norm_names)))].shape[0] - 1
         return {**params, **{n: self.step_norms[key(n)][min(step, last)] for n in self.norm_names}}
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool,
+    def support_loss(self, adapted: Params, params: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
+        return self.loss_fn(self.learner.forward_with(self.with_step_norms({**params, **adapted}, step), x, y), y)
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool,
               query: tuple[Tensor, Tensor] | None = None) -> tuple[Params, list[Tensor]]:
         """``steps`` gradient steps on one task's support set (x [n, ...], y [n(, out)]).
 
         Returns phi_S and, when ``query`` (x, y) is given, the query outputs after every step (for MSL).
+        The graph of each inner gradient is kept (second order) unless ``first_order``.
         """
+        adapted = {n: params[n] for n in self.adapted}
         query_outputs = []
         for step in range(steps):
-            current = self.with_step_norms(params, step)
-            loss = self.loss_fn(self.learner.forward_with(current, x, y), y)
-            grads = torch.autograd.grad(loss, [params[n] for n in self.adapted], create_graph=create_graph)
-            params = {**params, **{n: params[n] - self.step_size(n, step) * g for n, g in zip(self.adapted, grads)}}
+            if self.vmapping:  # functorch's grad: per task under vmap
+                grads = grad(self.support_loss)(adapted, params, x, y, step)
+                grads = {n: g.detach() for n, g in grads.items()} if first_order else grads
+            else:  # plain autograd: less dispatch overhead per op than functorch's transforms
+                loss = self.support_loss(adapted, params, x, y, step)
+                grads = dict(zip(adapted, torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)))
+            adapted = {n: p - self.step_size(n, step) * grads[n] for n, p in adapted.items()}
             if query is not None:
-                query_outputs.append(self.learner.forward_with(self.with_step_norms(params, step + 1), *query))
-        return params, query_outputs
+                query_outputs.append(self.learner.forward_with(self.with_step_norms({**params, **adapted}, step + 1), *query))
+        return {**params, **adapted}, query_outputs
 
     def step_weights(self, steps: int) -> Tensor:
         """Multi-step loss weights: uniform at the start, annealed onto the last step."""
@@ -114,30 +136,61 @@ class MAML(MetaLearner):
         weights[-1] = 1.0 - non_final * (steps - 1)
         return weights
 
+    def task_loss(self, theta: Params, weights: Tensor | None, first_order: bool,
+                  sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+        """One task: adapt theta on its support set; its query loss and query outputs [n_query, out].
+        ``weights``: the multi-step loss weights, or None to score the last step only."""
+        steps = self.cfg.inner_steps
+        phi, per_step = self.adapt(theta, sx, sy, steps, first_order, query=None if weights is None else (qx, qy))
+        if weights is not None:
+            return sum(w * self.loss_fn(out, qy) for w, out in zip(weights, per_step)), per_step[-1]
+        out = self.learner.forward_with(self.with_step_norms(phi, steps), qx, qy)
+        return self.loss_fn(out, qy), out
+
+    def vectorize_mode(self, x: Tensor) -> str:
+        """``cfg.vectorize`` with ``auto`` resolved for the device of ``x``: vmap or loop."""
+        if self.cfg.vectorize != "auto":
+            return self.cfg.vectorize
+        return "vmap" if x.is_cuda or self.learner.vmap_on_cpu else "loop"
+
+    def over_tasks(self, fn: Callable[..., Any], batch: EpisodeBatch) -> Any:
+        """``fn(support_x, support_y, query_x, query_y)`` of every task, stacked over the batch:
+        all tasks at once with ``vmap``, or one at a time (``cfg.vectorize``)."""
+        if self.vectorize_mode(batch.support_x) == "vmap" and not self.vmap_failed:
+            self.vmapping = True
+            try:
+                with tasks_vmapped():
+                    result = vmap(fn)(*batch)
+                self.vmap_checked = True
+                return result
+            except RuntimeError as error:
+                if self.vmap_checked:
+                    raise
+                self.vmap_failed = True
+                log.warning("maml: vmap cannot vectorise this base learner (%s); adapting one task at a time.",
+                            str(error).splitlines()[0])
+            finally:
+                self.vmapping = False
+        results = [fn(*task) for task in zip(*batch)]
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*results))
+        return torch.stack(results)
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        theta = self.learner.params()
         steps = self.cfg.inner_steps
         first_order = self.cfg.first_order or self.progress < self.cfg.first_order_until
-        multi_step = self.cfg.multi_step_loss and steps > 1
-        losses, outputs = [], []
-        for sx, sy, qx, qy in zip(*batch):
-            phi, per_step = self.adapt(theta, sx, sy, steps, create_graph=not first_order,
-                                       query=(qx, qy) if multi_step else None)
-            if multi_step:
-                losses.append(sum(w * self.loss_fn(out, qy) for w, out in zip(self.step_weights(steps), per_step)))
-                out = per_step[-1]
-            else:
-                out = self.learner.forward_with(self.with_step_norms(phi, steps), qx, qy)
-                losses.append(self.loss_fn(out, qy))
-            outputs.append(out.detach())
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(outputs))
+        weights = self.step_weights(steps) if self.cfg.multi_step_loss and steps > 1 else None
+        task = partial(self.task_loss, self.learner.params(), weights, first_order)
+        losses, outputs = self.over_tasks(task, batch)
+        return MetaOutput(losses.mean(), outputs.detach())
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
-        theta = {k: v.detach().requires_grad_() for k, v in self.learner.params().items()}
         steps = self.cfg.test_inner_steps
-        outputs = []
-        for sx, sy, qx, _ in zip(*batch):
-            phi, _ = self.adapt(theta, sx, sy, steps, create_graph=False)
+        theta = {k: v.detach().requires_grad_() for k, v in self.learner.params().items()}
+
+        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            phi, _ = self.adapt(theta, sx, sy, steps, first_order=True)
             with torch.no_grad():
-                outputs.append(self.learner.forward_with(self.with_step_norms(phi, steps), qx))
-        return torch.stack(outputs)
+                return self.learner.forward_with(self.with_step_norms(phi, steps), qx)
+
+        return self.over_tasks(task, batch)

@@ -6,6 +6,12 @@ Outer update: theta <- theta + eps_t * (mean_tasks(phi) - theta), eps_t annealed
 eps_t * (theta - mean phi) and step it with plain SGD of rate 1, so the module's loop is unchanged.
 The tasks of a meta-batch adapt together: their weights are stacked [tasks, ...] and one
 ``vmap(grad(...))`` gives every task's gradient (Adam is elementwise, so stacking changes nothing).
+
+Adam's second moment: the paper's code keeps the inner Adam's state across tasks (only the weights are
+reset to theta), so step sizes follow the running gradient scale of all tasks seen, not sign(g) as a
+fresh Adam's first step would. ``carry_adam_state`` (default, as the paper's code) keeps one running
+second moment and step count: every task of a meta-batch starts from it, and afterwards it becomes the
+tasks' mean. Evaluation starts from it too but leaves it unchanged.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class ReptileConfig:
     inner_batch_size: int = 10  # support examples per inner step (all, if fewer)
     outer_lr: float = 1.0  # eps, the meta step size (optim.meta_lr is not used by Reptile)
     outer_lr_final: float = 0.0
+    carry_adam_state: bool = True  # inner Adam's second moment carried across tasks, as the paper's code
 
 
 class Reptile(MetaLearner):
@@ -43,6 +50,17 @@ class Reptile(MetaLearner):
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"meta_learner.{key}={getattr(cfg, key)} must be positive.")
         self.cfg = cfg
+        params = learner.params()
+        self.names = {n: n.replace(".", "-") for n in params}  # buffer names cannot hold dots
+        for name, buffer in self.names.items():
+            self.register_buffer(f"adam_v-{buffer}", torch.zeros_like(params[name]))
+        self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
+
+    def carried_moments(self) -> tuple[Params, int]:
+        """The running second moments and step count, or a fresh Adam's when not carried."""
+        if not self.cfg.carry_adam_state:
+            return {n: torch.zeros_like(p) for n, p in self.learner.params().items()}, 0
+        return {n: getattr(self, f"adam_v-{b}") for n, b in self.names.items()}, int(self.adam_t)
 
     def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=1.0)  # the step size is in the loss (eps_t)
@@ -50,8 +68,9 @@ class Reptile(MetaLearner):
     def task_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self.learner.forward_with(params, x, y), y)
 
-    def adapt(self, x: Tensor, y: Tensor, steps: int, generator: torch.Generator | None = None) -> Params:
-        """Support sets x [tasks, n, ...], y [tasks, n] -> phi, every weight stacked [tasks, ...] (detached).
+    def adapt(self, x: Tensor, y: Tensor, steps: int, generator: torch.Generator | None = None) -> tuple[Params, Params]:
+        """Support sets x [tasks, n, ...], y [tasks, n] -> phi and Adam's second moments, every tensor
+        stacked [tasks, ...] (detached).
 
         Each task cycles over its own random order of its support set, ``inner_batch_size`` at a time.
         """
@@ -60,7 +79,8 @@ class Reptile(MetaLearner):
         order = torch.rand(tasks, n, generator=generator).argsort(dim=1).to(x.device)
         rows = torch.arange(tasks, device=x.device)[:, None]
         phi = {k: v.detach().expand(tasks, *v.shape).clone() for k, v in self.learner.params().items()}
-        second_moment = {k: torch.zeros_like(v) for k, v in phi.items()}
+        carried, t0 = self.carried_moments()
+        second_moment = {k: v.detach().expand(tasks, *v.shape).clone() for k, v in carried.items()}
         with torch.enable_grad():
             for step in range(steps):
                 idx = order[:, (torch.arange(batch, device=x.device) + step * batch) % n]  # [tasks, batch]
@@ -70,9 +90,9 @@ class Reptile(MetaLearner):
                         phi[k] = phi[k] - self.cfg.inner_lr * g
                         continue
                     second_moment[k].mul_(ADAM_BETA2).addcmul_(g, g, value=1 - ADAM_BETA2)
-                    denom = (second_moment[k] / (1 - ADAM_BETA2 ** (step + 1))).sqrt() + ADAM_EPS
+                    denom = (second_moment[k] / (1 - ADAM_BETA2 ** (t0 + step + 1))).sqrt() + ADAM_EPS
                     phi[k] = phi[k] - self.cfg.inner_lr * g / denom
-        return phi
+        return phi, second_moment
 
     def query_outputs(self, phi: Params, query_x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -80,7 +100,11 @@ class Reptile(MetaLearner):
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         theta = self.learner.params()
-        phi = self.adapt(batch.support_x, batch.support_y, self.cfg.inner_steps)
+        phi, second_moment = self.adapt(batch.support_x, batch.support_y, self.cfg.inner_steps)
+        if self.cfg.carry_adam_state and self.cfg.inner_optimizer == "adam":
+            for name, buffer in self.names.items():
+                getattr(self, f"adam_v-{buffer}").copy_(second_moment[name].mean(0))
+            self.adam_t += self.cfg.inner_steps
         eps = self.cfg.outer_lr + (self.cfg.outer_lr_final - self.cfg.outer_lr) * self.progress
         # d/d theta of eps/2 ||theta - mean_phi||^2 = eps (theta - mean_phi)
         loss = sum(((theta[k] - phi[k].mean(0)) ** 2).sum() for k in theta) * (eps / 2)
@@ -88,5 +112,5 @@ class Reptile(MetaLearner):
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
         generator = torch.Generator().manual_seed(0)  # fixed minibatch order: evaluation is repeatable
-        phi = self.adapt(batch.support_x, batch.support_y, self.cfg.test_inner_steps, generator)
+        phi, _ = self.adapt(batch.support_x, batch.support_y, self.cfg.test_inner_steps, generator)
         return self.query_outputs(phi, batch.query_x)

@@ -1,0 +1,15 @@
+"""Classify new images with a trained run: ``python predict.py run_dir=... support=DIR query=DIR``."""
+import hydra
+from omegaconf import DictConfig
+
+from metalstm.inference import predict_cli
+from metalstm.runner import run_cli
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    run_cli(predict_cli, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Meta-training throughput of metalstm on named workloads, in the one-line format of
+../shared/bench/peer_bench.py, so the two can be run back to back and compared:
+
+    python scripts/bench.py W1            # ours
+    python ../shared/bench/peer_bench.py loop   # a peer, same shapes (W1 = its defaults)
+
+Workloads (random inputs of the real shapes, as the peer script uses):
+  W1  second-order MAML, Conv-4 (64 filters, max-pool, as the peer's), 5-way 1-shot, 15 query per class,
+      meta-batch 32, 5 inner steps
+  W2  the same, 20-way 1-shot, meta-batch 16
+  W3  second-order MAML, LSTM encoder-decoder (hidden 128) on seq_tasks shapes (length 8, 8 symbols),
+      5-shot, 10 query, meta-batch 16, 5 inner steps
+
+One step = meta_loss + backward + Adam step of our MetaLearner, exactly as the training loop runs it.
+Prints the median tasks/s over timed steps after a warm-up, and the peak memory (GPU: allocated by torch;
+CPU: the process's peak resident set).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metalstm.data.episodes import EpisodeBatch  # noqa: E402
+from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
+from metalstm.learners import build_base_learner  # noqa: E402
+from metalstm.meta import build_meta_learner  # noqa: E402
+from metalstm.objectives import get_objective  # noqa: E402
+
+MAML = {"name": "maml", "inner_lr": 0.4, "inner_steps": 5}
+CONV4 = {"name": "conv4", "filters": 64, "downsample": "maxpool"}
+WORKLOADS = {
+    "W1": {"ways": 5, "shots": 1, "query": 15, "meta_batch": 32, "learner": CONV4},
+    "W2": {"ways": 20, "shots": 1, "query": 15, "meta_batch": 16, "learner": CONV4},
+    "W3": {"seq": True, "shots": 5, "query": 10, "meta_batch": 16, "learner": {"name": "lstm_seq2seq", "hidden": 128}},
+}
+
+
+def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, EpisodeBatch, str]:
+    w = WORKLOADS[name]
+    if w.get("seq"):
+        source = SeqTasks(SeqTasksConfig(shots=w["shots"], query=w["query"]))
+        spec = source.spec
+        batch = source.sample("train", w["meta_batch"], torch.Generator().manual_seed(0))
+        shape = f"seq_tasks shots={w['shots']} query={w['query']}"
+    else:
+        spec = {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": w["ways"]}
+        n_s, n_q = w["ways"] * w["shots"], w["ways"] * w["query"]
+        labels = torch.arange(w["ways"])
+        batch = EpisodeBatch(torch.randn(w["meta_batch"], n_s, 1, 28, 28),
+                             labels.repeat_interleave(w["shots"]).expand(w["meta_batch"], -1).contiguous(),
+                             torch.randn(w["meta_batch"], n_q, 1, 28, 28),
+                             labels.repeat_interleave(w["query"]).expand(w["meta_batch"], -1).contiguous())
+        shape = f"ways={w['ways']} shots={w['shots']} query={w['query']}"
+    objective = get_objective(spec["task_type"])
+    meta = build_meta_learner({**MAML, "vectorize": vectorize}, build_base_learner(dict(w["learner"]), spec), objective.loss, spec)
+    meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
+    mode = meta.vectorize_mode(batch.support_x)
+    return meta, batch, f"{shape} meta_batch={w['meta_batch']} steps={MAML['inner_steps']} vectorize={mode}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--iters", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vectorize", default="auto", choices=["auto", "vmap", "loop"],
+                        help="MAML's meta_learner.vectorize (auto: vmap, but a per-task loop for Conv-4 on CPU)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    meta, batch, shape = workload(args.workload, args.device, args.vectorize)
+    optimizer = meta.outer_optimizer(1e-3)
+    cuda = args.device.startswith("cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        meta.meta_loss(batch).loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    rates = []
+    for _ in range(args.iters):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        rates.append(batch.num_tasks / (time.perf_counter() - start))
+    if cuda:
+        peak = f"peak_gpu_mem={torch.cuda.max_memory_allocated() / 2**20:.0f}MiB"
+    else:
+        peak = f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
+    print(f"metalstm-{args.workload} tasks/s {statistics.median(rates):.2f} ({shape} threads={torch.get_num_threads()} "
+          f"device={args.device} {peak})")
+
+
+if __name__ == "__main__":
+    main()
