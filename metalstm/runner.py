@@ -168,7 +168,8 @@ def train(cfg: DictConfig) -> float | None:
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
     log.info("%s  [results: %s]", line, output_dir / "results.json")
-    print(line)
+    print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {best or 'none (checkpointing off)'}\n"
+          f"  results:     {output_dir / 'results.json'}")
     return best_score
 
 
