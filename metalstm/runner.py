@@ -80,10 +80,10 @@ def experiment_name() -> str:
     return "default"
 
 
-def instantiate_group(group: DictConfig | None, **auto: Any) -> list[Any]:
+def instantiate_group(entries: DictConfig | None, **auto: Any) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group; a value ``auto`` whose key is in ``auto`` is filled in."""
     objects = []
-    for entry in (group or {}).values():
+    for entry in (entries or {}).values():
         if isinstance(entry, DictConfig) and "_target_" in entry:
             objects.append(instantiate(entry, **{k: v for k, v in auto.items() if entry.get(k) == "auto"}))
     return objects
@@ -143,7 +143,9 @@ def train(cfg: DictConfig) -> float | None:
     module, datamodule = build(config)
     objective = module.objective
     callbacks = instantiate_group(cfg.get("callbacks"), monitor=f"val/{objective.monitor}", mode=objective.monitor_mode)
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = instantiate_group(cfg.get("logger"), group=config["experiment"])
+    for logger in loggers:
+        logger.log_hyperparams(config)  # the full resolved config, on every dashboard
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("experiment %s: %s on %s, output in %s", config["experiment"], config["meta_learner"]["name"],
              config["data"]["name"], output_dir)

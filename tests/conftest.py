@@ -118,9 +118,10 @@ def fixture_overrides(root: Path, cache: Path, data: str = "omniglot") -> list[s
             "data.rotate_splits=[train,val,test]"]
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run train.py / eval.py as a user would, from ``cwd`` (outputs/ lands there)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
