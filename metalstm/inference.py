@@ -24,7 +24,7 @@ from metalstm.data.episodes import EpisodeBatch
 from metalstm.data.omniglot import prepare_image
 from metalstm.errors import CheckpointError, DataError
 from metalstm.module import MetaLearningModule
-from metalstm.runner import build, build_module, find_checkpoint, load_checkpoint
+from metalstm.runner import build, build_module, find_checkpoint, load_checkpoint, restore_weights
 
 
 class AdaptedTask:
@@ -116,10 +116,7 @@ def load_learner(path: str | Path, device: str | None = None) -> Learner:
     checkpoint = load_checkpoint(checkpoint_path)
     config, spec = checkpoint["metalstm"]["config"], checkpoint["metalstm"].get("spec")
     module = build_module(config, spec) if spec else build(config)[0]  # older checkpoints: the spec from the data
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint_path} does not match the model its config describes ({str(e).splitlines()[0]}).") from e
+    restore_weights(module, checkpoint, checkpoint_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Learner(module.to(device), module.spec, config)
 

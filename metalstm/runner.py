@@ -213,6 +213,13 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def restore_weights(module: MetaLearningModule, checkpoint: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the model its config describes ({str(e).splitlines()[0]}).") from e
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Re-evaluate a trained run on its fixed test tasks (optionally with other data/test settings)."""
     path = find_checkpoint(cfg.get("run_dir"), cfg.get("ckpt_path"))
@@ -222,10 +229,7 @@ def evaluate(cfg: DictConfig) -> dict:
         config[group].update({k: v for k, v in (cfg.get(group) or {}).items() if v is not None})
     check_accelerator(cfg.accelerator)
     module, datamodule = build(config)
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match the model its config describes ({str(e).splitlines()[0]}).") from e
+    restore_weights(module, checkpoint, path)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
     trainer.test(module, datamodule=datamodule, verbose=False)

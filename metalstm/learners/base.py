@@ -61,10 +61,14 @@ class BaseLearner(nn.Module):
 _vmapped = threading.local()
 
 
+def in_tasks_vmap() -> bool:
+    return getattr(_vmapped, "on", False)
+
+
 @contextmanager
 def tasks_vmapped() -> Iterator[None]:
     """Forwards inside run under ``vmap`` over tasks whose weights differ (see ``BatchNorm``)."""
-    previous, _vmapped.on = getattr(_vmapped, "on", False), True
+    previous, _vmapped.on = in_tasks_vmap(), True
     try:
         yield
     finally:
@@ -83,7 +87,7 @@ class BatchNorm(nn.BatchNorm2d):
         super().__init__(channels, track_running_stats=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not getattr(_vmapped, "on", False):
+        if not in_tasks_vmap():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         shape = (-1,) + (1,) * (x.dim() - 2)
         return F.batch_norm(x, None, None, training=True, eps=self.eps) * self.weight.view(shape) + self.bias.view(shape)

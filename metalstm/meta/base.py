@@ -14,6 +14,11 @@ from metalstm.learners.base import BaseLearner
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs [n, out], targets [n(, out)]) -> scalar
 
 
+def key(name: str) -> str:
+    """A parameter name as a ParameterDict key or buffer name, which cannot hold dots."""
+    return name.replace(".", "-")
+
+
 class MetaOutput(NamedTuple):
     loss: Tensor  # scalar meta-loss; its gradient w.r.t. the meta-parameters is the meta-gradient
     query_outputs: Tensor  # [B, n_query, out], predictions on the query sets after adaptation

@@ -29,8 +29,8 @@ from torch.func import grad, vmap
 
 from metalstm.data.episodes import EpisodeBatch
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, Params, TaskSpec, tasks_vmapped
-from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
+from metalstm.learners.base import BaseLearner, Params, TaskSpec, in_tasks_vmap, tasks_vmapped
+from metalstm.meta.base import LossFn, MetaLearner, MetaOutput, key
 
 LEARNED_LR = ("none", "per_layer_per_step", "per_parameter")
 VECTORIZE = ("auto", "vmap", "loop")
@@ -53,10 +53,6 @@ class MAMLConfig:
     vectorize: str = "auto"
 
 
-def key(name: str) -> str:
-    return name.replace(".", "-")  # ParameterDict keys cannot hold dots
-
-
 class MAML(MetaLearner):
     def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec, cfg: MAMLConfig):
         super().__init__(learner, loss_fn)
@@ -72,7 +68,6 @@ class MAML(MetaLearner):
             raise ConfigError(f"meta_learner.vectorize={cfg.vectorize!r}; choose one of {list(VECTORIZE)}.")
         self.cfg = cfg
         self.vmap_checked = self.vmap_failed = False  # vmap tried once; a learner it cannot batch falls back
-        self.vmapping = False  # inside over_tasks' vmap
         params = learner.params()
         self.norm_names = {f"{m}.{p}" for m, mod in learner.named_modules()
                            if isinstance(mod, nn.modules.batchnorm._BatchNorm) for p in ("weight", "bias")}
@@ -117,7 +112,7 @@ class MAML(MetaLearner):
         adapted = {n: params[n] for n in self.adapted}
         query_outputs = []
         for step in range(steps):
-            if self.vmapping:  # functorch's grad: per task under vmap
+            if in_tasks_vmap():  # functorch's grad: per task under vmap
                 grads = grad(self.support_loss)(adapted, params, x, y, step)
                 grads = {n: g.detach() for n, g in grads.items()} if first_order else grads
             else:  # plain autograd: less dispatch overhead per op than functorch's transforms
@@ -157,7 +152,6 @@ class MAML(MetaLearner):
         """``fn(support_x, support_y, query_x, query_y)`` of every task, stacked over the batch:
         all tasks at once with ``vmap``, or one at a time (``cfg.vectorize``)."""
         if self.vectorize_mode(batch.support_x) == "vmap" and not self.vmap_failed:
-            self.vmapping = True
             try:
                 with tasks_vmapped():
                     result = vmap(fn)(*batch)
@@ -169,8 +163,6 @@ class MAML(MetaLearner):
                 self.vmap_failed = True
                 log.warning("maml: vmap cannot vectorise this base learner (%s); adapting one task at a time.",
                             str(error).splitlines()[0])
-            finally:
-                self.vmapping = False
         results = [fn(*task) for task in zip(*batch)]
         if isinstance(results[0], tuple):
             return tuple(torch.stack(parts) for parts in zip(*results))

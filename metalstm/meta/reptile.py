@@ -24,7 +24,7 @@ from torch.func import grad, vmap
 from metalstm.data.episodes import EpisodeBatch
 from metalstm.errors import ConfigError
 from metalstm.learners.base import Params
-from metalstm.meta.base import MetaLearner, MetaOutput
+from metalstm.meta.base import MetaLearner, MetaOutput, key
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # beta1 = 0, as the paper
 
@@ -46,21 +46,19 @@ class Reptile(MetaLearner):
         super().__init__(learner, loss_fn)
         if cfg.inner_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"meta_learner.inner_optimizer={cfg.inner_optimizer!r}; choose adam or sgd.")
-        for key in ("inner_lr", "outer_lr", "inner_batch_size"):
-            if getattr(cfg, key) <= 0:
-                raise ConfigError(f"meta_learner.{key}={getattr(cfg, key)} must be positive.")
+        for option in ("inner_lr", "outer_lr", "inner_batch_size"):
+            if getattr(cfg, option) <= 0:
+                raise ConfigError(f"meta_learner.{option}={getattr(cfg, option)} must be positive.")
         self.cfg = cfg
-        params = learner.params()
-        self.names = {n: n.replace(".", "-") for n in params}  # buffer names cannot hold dots
-        for name, buffer in self.names.items():
-            self.register_buffer(f"adam_v-{buffer}", torch.zeros_like(params[name]))
+        for name, param in learner.params().items():
+            self.register_buffer(f"adam_v-{key(name)}", torch.zeros_like(param))
         self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
 
     def carried_moments(self) -> tuple[Params, int]:
         """The running second moments and step count, or a fresh Adam's when not carried."""
         if not self.cfg.carry_adam_state:
             return {n: torch.zeros_like(p) for n, p in self.learner.params().items()}, 0
-        return {n: getattr(self, f"adam_v-{b}") for n, b in self.names.items()}, int(self.adam_t)
+        return {n: getattr(self, f"adam_v-{key(n)}") for n in self.learner.params()}, int(self.adam_t)
 
     def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=1.0)  # the step size is in the loss (eps_t)
@@ -102,8 +100,8 @@ class Reptile(MetaLearner):
         theta = self.learner.params()
         phi, second_moment = self.adapt(batch.support_x, batch.support_y, self.cfg.inner_steps)
         if self.cfg.carry_adam_state and self.cfg.inner_optimizer == "adam":
-            for name, buffer in self.names.items():
-                getattr(self, f"adam_v-{buffer}").copy_(second_moment[name].mean(0))
+            for name, carried in self.carried_moments()[0].items():
+                carried.copy_(second_moment[name].mean(0))
             self.adam_t += self.cfg.inner_steps
         eps = self.cfg.outer_lr + (self.cfg.outer_lr_final - self.cfg.outer_lr) * self.progress
         # d/d theta of eps/2 ||theta - mean_phi||^2 = eps (theta - mean_phi)
