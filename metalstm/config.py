@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
 
 from metalstm.errors import ConfigError
 
@@ -42,3 +45,38 @@ def from_dict(config_class: type[T], values: dict[str, Any], group: str, sibling
     converted = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(config_class, k, None), tuple) else v
                  for k, v in values.items() if k in known}
     return config_class(**converted)
+
+
+def resume_target(resume: Any) -> tuple[Path, Path] | None:
+    """(run folder, checkpoint) that ``resume=`` names: a run folder with ``checkpoints/last.ckpt``, or a
+    checkpoint file in a run's ``checkpoints/``; None if it names neither."""
+    if not resume:
+        return None
+    path = Path(str(resume)).expanduser()
+    if path.is_file():
+        return (path.parent.parent, path) if path.parent.name == "checkpoints" else None
+    last = path / "checkpoints" / "last.ckpt"
+    return (path, last) if last.is_file() else None
+
+
+def resumable_run(resume: Any) -> Path | None:
+    target = resume_target(resume)
+    return target[0] if target else None
+
+
+# train.yaml: a resumed run writes into its own folder, its Hydra files beside the first ones (never over them)
+OmegaConf.register_new_resolver(
+    "metalstm.run_dir", lambda resume, fresh: str(resumable_run(resume) or fresh), replace=True)
+OmegaConf.register_new_resolver(
+    "metalstm.hydra_subdir", lambda resume, stamp: f".hydra/resumed-{stamp}" if resumable_run(resume) else ".hydra",
+    replace=True)
+
+
+def sqlite_url(path: str) -> str:
+    """``sqlite:///<absolute path>`` for a study file, its folder created (SQLite creates no folders)."""
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
+OmegaConf.register_new_resolver("metalstm.sqlite", sqlite_url, replace=True)

@@ -5,7 +5,7 @@
     task = learner.adapt(support_images, support_labels)      # PIL images, uint8 arrays, files, any size
     probs = task.predict(query_images)                        # [n_query, n_way], columns in task.classes order
 
-Images go through the training preprocessing (grayscale, resize, inversion); adaptation is the
+Images go through the training preprocessing (grayscale or RGB, resize, inversion); adaptation is the
 meta-learner's own test-time procedure (MAML's inner steps, the LSTM optimizer's updates, the memory
 LSTM's reading of the support set, ProtoNet's prototypes), exactly as at meta-test.
 """
@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from metalstm.data.episodes import EpisodeBatch
-from metalstm.data.omniglot import prepare_image
+from metalstm.data.images import IMAGE_SUFFIXES, image_files, prepare_image
 from metalstm.errors import CheckpointError, DataError
 from metalstm.module import MetaLearningModule
 from metalstm.runner import build, build_module, find_checkpoint, load_checkpoint, restore_weights
@@ -70,8 +70,9 @@ class Learner:
                 f"Expected examples as one array of shape [n, {', '.join(map(str, shape))}] (this learner's input), got "
                 f"{type(examples).__name__} of shape {list(getattr(examples, 'shape', [len(examples)]))}."
             )
-        pixels = [prepare_image(self.to_image(item), self.image_size, self.invert) for item in examples]
-        images = torch.from_numpy(np.stack(pixels)).float().div(255)[:, None]  # [n, 1, S, S]
+        channels = shape[0] if shape[0] in (1, 3) else 1
+        pixels = [prepare_image(self.to_image(item), self.image_size, self.invert, channels) for item in examples]
+        images = torch.from_numpy(np.stack(pixels)).float().div(255)  # [n, channels, S, S]
         return images.expand(-1, shape[0], -1, -1).to(self.device)
 
     @staticmethod
@@ -119,13 +120,6 @@ def load_learner(path: str | Path, device: str | None = None) -> Learner:
     restore_weights(module, checkpoint, checkpoint_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Learner(module.to(device), module.spec, config)
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def predict_folders(learner: Learner, support: Path, query: Path) -> tuple[list[Path], list[Hashable], Tensor]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,28 +17,37 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from metalstm.config import from_dict
+from metalstm.checkpointing import AtomicCheckpointIO, stop_on_sigint
+from metalstm.config import from_dict, resume_target
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import CheckpointError, ConfigError, MetalstmError
 from metalstm.learners import build_base_learner
 from metalstm.meta import build_meta_learner
 from metalstm.module import CHECKPOINT_FORMAT, MetaLearningModule, OptimConfig
-from metalstm.objectives import get_objective
+from metalstm.objectives import Objective, get_objective
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run ``task``; a MetalstmError becomes one clear message and exit code 2, its traceback goes to the log file."""
+    """Run ``task``; a MetalstmError becomes one clear message and exit code 2, its traceback goes to the log file.
+
+    In a sweep (``-m``) the error is raised on after the message, so the sweeper records the job (an Optuna
+    trial) as failed instead of the whole sweep exiting."""
     try:
         return task(cfg)
     except MetalstmError as e:
         logging.getLogger("metalstm.traceback").error("%s", traceback.format_exc())
         print(f"\nmetalstm error: {e}\n", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
         sys.exit(2)
 
 
@@ -80,13 +91,25 @@ def experiment_name() -> str:
     return "default"
 
 
-def instantiate_group(entries: DictConfig | None, **auto: Any) -> list[Any]:
+def instantiate_group(entries: dict | None, **auto: Any) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group; a value ``auto`` whose key is in ``auto`` is filled in."""
     objects = []
     for entry in (entries or {}).values():
-        if isinstance(entry, DictConfig) and "_target_" in entry:
+        if isinstance(entry, dict) and "_target_" in entry:
             objects.append(instantiate(entry, **{k: v for k, v in auto.items() if entry.get(k) == "auto"}))
     return objects
+
+
+def make_callbacks(config: dict, objective: Objective) -> list[Any]:
+    """The ``callbacks`` group; checkpoints follow the objective's validation metric."""
+    return instantiate_group(config.get("callbacks"), monitor=f"val/{objective.monitor}", mode=objective.monitor_mode)
+
+
+def make_loggers(config: dict, job_type: str, run_id: str | None = None, resume_step: int | None = None) -> list[Any]:
+    """The ``logger`` group: W&B runs grouped by experiment and identified by ``run_id`` (a resumed run keeps
+    its own); a resumed run's CSV and TensorBoard logs continue after ``resume_step``."""
+    return instantiate_group(config.get("logger"), group=config.get("experiment") or "default", job_type=job_type,
+                             id=run_id, purge_step=resume_step, resume_step=resume_step)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -133,8 +156,13 @@ def train(cfg: DictConfig) -> float | None:
     """Meta-train, then meta-test the best checkpoint on the fixed test tasks. Returns the best validation metric."""
     started = time.time()
     OmegaConf.set_struct(cfg, False)
-    cfg.experiment = experiment_name()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("resume"):
+        config, ckpt_path, resume_step = resumed_config(cfg)
+    else:
+        cfg.experiment = experiment_name()
+        config = OmegaConf.to_container(cfg, resolve=True)
+        ckpt_path, resume_step = None, None
+    config.setdefault("run_id", uuid.uuid4().hex[:12])  # names the run on dashboards; resume keeps it
     output_dir = Path(config["paths"]["output_dir"])
     check_accelerator(str(config["trainer"].get("accelerator", "auto")))
     set_matmul_precision(config.get("matmul_precision", "highest"))
@@ -142,17 +170,28 @@ def train(cfg: DictConfig) -> float | None:
 
     module, datamodule = build(config)
     objective = module.objective
-    callbacks = instantiate_group(cfg.get("callbacks"), monitor=f"val/{objective.monitor}", mode=objective.monitor_mode)
-    loggers = instantiate_group(cfg.get("logger"), group=config["experiment"])
+    callbacks = make_callbacks(config, objective)
+    loggers = make_loggers(config, "train", config["run_id"], resume_step)
     for logger in loggers:
         logger.log_hyperparams(config)  # the full resolved config, on every dashboard
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    log.info("experiment %s: %s on %s, output in %s", config["experiment"], config["meta_learner"]["name"],
-             config["data"]["name"], output_dir)
+    trainer: pl.Trainer = instantiate(config["trainer"], callbacks=callbacks, logger=loggers or False,
+                                      plugins=[AtomicCheckpointIO()])
+    log.info("experiment %s: %s on %s, output in %s%s", config["experiment"], config["meta_learner"]["name"],
+             config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("ckpt_path"))
+    try:
+        with stop_on_sigint() as interrupts:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        saved = f"saved {last}" if last.is_file() else "no checkpoint (checkpointing is off)"
+        name = "Ctrl-C" if interrupts else "SIGTERM"
+        print(f"\nmetalstm: stopped by {name} at step {trainer.global_step}; {saved}. Continue with:\n"
+              f"  python train.py resume={output_dir}", file=sys.stderr)
+        log.info("stopped by %s at step %d", name, trainer.global_step)
+        sys.exit(128 + (signal.SIGINT if interrupts else signal.SIGTERM))
     train_seconds = time.time() - started
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     if trainer.global_rank != 0:
@@ -166,6 +205,7 @@ def train(cfg: DictConfig) -> float | None:
         train_seconds=round(train_seconds, 1),
         total_seconds=round(time.time() - started, 1),
         device=str(module.device),
+        resumed_at_step=resume_step,
     )
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
@@ -173,6 +213,60 @@ def train(cfg: DictConfig) -> float | None:
     print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {best or 'none (checkpointing off)'}\n"
           f"  results:     {output_dir / 'results.json'}")
     return best_score
+
+
+RESUMABLE = ("trainer.", "data.root", "data.cache_dir")  # what a resumed run may change
+
+
+def resumed_config(cfg: DictConfig) -> tuple[dict, Path, int]:
+    """``resume=<run folder or checkpoint>``: the run's own config (from its checkpoint), the checkpoint and
+    its step. Command-line overrides may change only the keys in RESUMABLE (e.g. a larger trainer.max_steps)."""
+    target = resume_target(cfg.resume)
+    if target is None:
+        given = Path(str(cfg.resume)).expanduser()
+        if (given / "checkpoints").is_dir():
+            raise CheckpointError(
+                f"{given} has no checkpoints/last.ckpt to resume from: the run stopped before its first checkpoint "
+                f"(written every callbacks.last_checkpoint.every_n_steps steps). Start it again instead."
+            )
+        raise CheckpointError(
+            f"resume={cfg.resume} is not a run folder (one with checkpoints/last.ckpt, e.g. outputs/<date>/<time>) "
+            f"or a checkpoint in a run's checkpoints/ folder. Check the path; train.py prints the run folder when it ends."
+        )
+    _, path = target
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["metalstm"]["config"]
+    old_dir, new_dir = config["paths"]["output_dir"], str(Path(cfg.paths.output_dir))
+    config = relocate(config, old_dir, new_dir)  # the folder may have moved since
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "resume":
+            continue
+        if not key.startswith(RESUMABLE):
+            raise ConfigError(
+                f"resume= continues a run with the config stored in its checkpoint, so {override!r} cannot apply; "
+                f"only {', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE)} may change (e.g. "
+                f"trainer.max_steps=20000). To change anything else, start a new run."
+            )
+        parent, _, leaf = key.rpartition(".")
+        node = config
+        for part in parent.split("."):
+            node = node.setdefault(part, {})
+        value = OmegaConf.select(cfg, key)
+        node[leaf] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return config, path, int(checkpoint["global_step"])
+
+
+def relocate(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string path under ``old`` moved under ``new``."""
+    if isinstance(value, dict):
+        return {k: relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
+        return new + value[len(old):]
+    return value
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -230,7 +324,11 @@ def evaluate(cfg: DictConfig) -> dict:
     check_accelerator(cfg.accelerator)
     module, datamodule = build(config)
     restore_weights(module, checkpoint, path)
-    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+    logger_group = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    loggers = make_loggers({"logger": logger_group, "experiment": config.get("experiment")}, "eval", uuid.uuid4().hex[:12])
+    for logger in loggers:
+        logger.log_hyperparams({**config, "evaluated_checkpoint": str(path.resolve())})
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)

@@ -89,12 +89,72 @@ def make_strokes(root: Path, characters: int = 16, shared: int = 2, zipped: bool
     return root
 
 
+def class_image(class_id: int, index: int, size: int = 32) -> Image.Image:
+    """An RGB image of a class: a class colour and a class shape, jittered per image."""
+    shape, jitter = random.Random(class_id), random.Random(class_id * 7919 + index)
+    colour = tuple(shape.randint(40, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), tuple(jitter.randint(0, 30) for _ in range(3)))
+    pen = ImageDraw.Draw(image)
+    box = [shape.randint(0, size // 2) + jitter.randint(-2, 2), shape.randint(0, size // 2) + jitter.randint(-2, 2)]
+    pen.rectangle([*box, box[0] + size // 3, box[1] + size // 3], fill=colour)
+    return image
+
+
+def make_image_folder(root: Path, sizes: list[int], split_folders: bool = False) -> Path:
+    """One sub-folder of JPEGs per class (class i holds sizes[i] images), or train|val|test/<class>/."""
+    for class_id, count in enumerate(sizes):
+        split = ("train", "val", "test")[min(class_id * 3 // len(sizes), 2)] if split_folders else ""
+        folder = root / split / f"class_{class_id:02d}"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            class_image(class_id, i).save(folder / f"img_{i:03d}.jpg", quality=95)
+    return root
+
+
+def make_mini_imagenet(root: Path, form: str, classes: tuple[int, int, int] = (6, 5, 5), per_class: int = 20) -> Path:
+    """mini-ImageNet in one of its two published forms, with small images: the split CSVs + images/, or
+    the mini-imagenet-cache-<split>.pkl pickles."""
+    import pickle
+
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    class_id = 0
+    for split, n_classes in zip(("train", "val", "test"), classes):
+        rows, arrays, class_dict = ["filename,label"], [], {}
+        for _ in range(n_classes):
+            label = f"n{class_id:08d}"
+            for i in range(per_class):
+                image = class_image(class_id, i, size=84)
+                if form == "csv":
+                    (root / "images").mkdir(exist_ok=True)
+                    name = f"{label}{i:08d}.jpg"
+                    image.save(root / "images" / name, quality=95)
+                    rows.append(f"{name},{label}")
+                else:
+                    class_dict.setdefault(label, []).append(len(arrays))
+                    arrays.append(np.asarray(image, dtype=np.uint8))
+            class_id += 1
+        if form == "csv":
+            (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        else:
+            with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+                pickle.dump({"image_data": np.stack(arrays), "class_dict": class_dict}, f, protocol=4)
+    return root
+
+
 @pytest.fixture(scope="session")
 def omniglot_fixture(tmp_path_factory) -> Path:
     """30 background + 10 evaluation characters, 20 drawings each, as the two official zips; beside
     them the two official stroke subsets (30 distinct characters, 20 drawings each)."""
     root = make_omniglot(tmp_path_factory.mktemp("omniglot"))
     return make_strokes(root)
+
+
+@pytest.fixture(scope="session")
+def mini_imagenet_fixture(tmp_path_factory) -> Path:
+    """mini-ImageNet in its CSV form: 6/5/5 classes of 20 small images."""
+    return make_mini_imagenet(tmp_path_factory.mktemp("mini_imagenet"), "csv")
 
 
 @pytest.fixture(scope="session")

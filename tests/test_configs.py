@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, fixture_overrides
 from metalstm.errors import ConfigError
-from metalstm.runner import build, check_accelerator, instantiate_group
+from metalstm.runner import build, check_accelerator, make_callbacks, make_loggers
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -43,10 +43,13 @@ def test_experiments_set_hyperparameters_only():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fixture, cache_dir):
+def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fixture, mini_imagenet_fixture, cache_dir):
     cfg = compose_train([f"+experiment={experiment}"], tmp_path)
-    on_disk = cfg.data.name in ("omniglot", "omniglot_strokes")
-    overrides = fixture_overrides(omniglot_fixture, cache_dir, cfg.data.name) if on_disk else []
+    overrides = []
+    if cfg.data.name in ("omniglot", "omniglot_strokes"):
+        overrides = fixture_overrides(omniglot_fixture, cache_dir, cfg.data.name)
+    elif cfg.data.name == "mini_imagenet":
+        overrides = [f"data.root={mini_imagenet_fixture}", f"data.cache_dir={cache_dir}"]
     cfg = compose_train([f"+experiment={experiment}", *overrides], tmp_path)
     config = OmegaConf.to_container(cfg, resolve=True)
     module, datamodule = build(config)
@@ -55,8 +58,8 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fix
     out = module.meta_learner.meta_loss(batch)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert out.query_outputs.shape[:2] == batch.query_x.shape[:2]
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks, monitor="val/acc", mode="max"),
-                          logger=instantiate_group(cfg.logger))
+    trainer = instantiate(cfg.trainer, callbacks=make_callbacks(config, module.objective),
+                          logger=make_loggers(config, "train"))
     assert isinstance(trainer, pl.Trainer) and trainer.max_steps == cfg.trainer.max_steps
 
 
@@ -66,7 +69,7 @@ def test_every_group_choice_composes(group, tmp_path, monkeypatch):
     for choice in group_choices(group):
         cfg = compose_train([f"{group}={choice}"], tmp_path)
         if group == "logger":
-            assert instantiate_group(cfg.logger)
+            assert make_loggers(OmegaConf.to_container(cfg, resolve=True), "train")
         if group == "trainer" and cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             with pytest.raises(ConfigError, match="trainer=cpu"):
                 check_accelerator(cfg.trainer.accelerator)

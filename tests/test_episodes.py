@@ -113,6 +113,18 @@ def test_train_stream_draws_new_tasks_and_is_seeded():
     assert torch.equal(first.support_x, again.support_x)
 
 
+def test_train_stream_resumed_at_a_step_continues_the_same_tasks():
+    """A run resumed at step s must see the meta-batches the uninterrupted run saw from step s on."""
+    whole = iter(TrainEpisodes(coded_tasks(), meta_batch_size=4, seed=3))
+    batches = [next(whole) for _ in range(5)]
+    resumed = iter(TrainEpisodes(coded_tasks(), meta_batch_size=4, seed=3, start_step=3))
+    for expected in batches[3:]:
+        got = next(resumed)
+        assert torch.equal(got.support_x, expected.support_x) and torch.equal(got.query_x, expected.query_x)
+    other_rank = next(iter(TrainEpisodes(coded_tasks(), meta_batch_size=4, seed=3, rank=1)))
+    assert not torch.equal(other_rank.support_x, batches[0].support_x)
+
+
 def test_datamodule_serves_fixed_val_and_test():
     dm = FewShotDataModule(coded_tasks(), EpisodeConfig(meta_batch_size=4, val_tasks=10, test_tasks=12, eval_batch_size=5), seed=0)
     assert [b.num_tasks for b in dm.test_dataloader()] == [5, 5, 2]
@@ -175,3 +187,29 @@ def test_train_shots_may_exceed_test_shots():
     assert test.support_x.shape[1] == 5 * 1 and test.query_x.shape[1] == 5 * 3
     with pytest.raises(ConfigError, match="data.train_shots"):
         coded_tasks(train_shots=19)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_episodes_gathered_on_the_device_are_the_same_tasks(device):
+    """Images kept on the device: the batch comes out there, with exactly the tasks drawn on the host."""
+    host = coded_tasks(rotate_splits=["train"])
+    on_device = coded_tasks(rotate_splits=["train"]).to(device)
+    for split in ("train", "test"):
+        a = host.sample(split, 6, torch.Generator().manual_seed(5))
+        b = on_device.sample(split, 6, torch.Generator().manual_seed(5))
+        assert all(t.device.type == device for t in b)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y.cpu())
+
+
+def test_datamodule_moves_the_examples_to_the_training_device():
+    import lightning.pytorch as pl
+
+    dm = FewShotDataModule(coded_tasks(), EpisodeConfig(meta_batch_size=4), seed=0)
+    dm.trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+    dm.setup("fit")
+    assert dm.source.images.device == dm.trainer.strategy.root_device
+    assert next(iter(dm.train_dataloader())).support_x.device == dm.trainer.strategy.root_device

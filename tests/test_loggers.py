@@ -61,3 +61,13 @@ def test_tensorboard_and_wandb_offline_hold_the_logged_metrics(tmp_path):
     assert run_record.run_group == "sinusoid" and run_record.job_type == "train" and run_record.project == "metalstm"
     config_keys = {key(item) for r in records if r.HasField("config") for item in r.config.update}
     assert {"meta_learner", "data", "base_learner", "optim", "seed"} <= config_keys
+
+    # eval.py logs to the same project and group, as job_type eval
+    evaluation = run_script("eval.py", f"run_dir={run}", "logger=wandb", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    (eval_file,) = tmp_path.glob("outputs/eval/*/*/wandb/offline-run-*/run-*.wandb")
+    eval_records = wandb_records(eval_file)
+    (eval_run,) = [r.run for r in eval_records if r.HasField("run")]
+    assert eval_run.run_group == "sinusoid" and eval_run.job_type == "eval" and eval_run.run_id != run_record.run_id
+    eval_history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in eval_records if r.HasField("history")]
+    assert abs(next(h["test/mse"] for h in eval_history if "test/mse" in h) - test_mse) < 1e-6

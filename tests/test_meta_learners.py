@@ -54,10 +54,14 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
 def test_registries_are_what_the_combination_test_covers():
     assert set(META_LEARNERS) == {"maml", "reptile", "lstm_optimizer", "memory_lstm", "protonet", "pretrain_finetune"}
     assert set(BASE_LEARNERS) == {"conv4", "mlp", "lstm_encoder", "lstm_seq2seq"}
-    assert set(DATASETS) == {"omniglot", "sinusoid", "omniglot_strokes", "seq_tasks", "sinusoid_seq"}
+    assert set(DATASETS) == {"omniglot", "sinusoid", "omniglot_strokes", "seq_tasks", "sinusoid_seq", *SAME_AS_OMNIGLOT}
 
 
-@pytest.mark.parametrize("data", sorted(DATASETS))
+# image data sets served by the same ClassTasks as Omniglot (episodes of [C, H, W] images): tests/test_image_data.py
+SAME_AS_OMNIGLOT = {"image_folder", "mini_imagenet"}
+
+
+@pytest.mark.parametrize("data", sorted(set(DATASETS) - SAME_AS_OMNIGLOT))
 @pytest.mark.parametrize("base", sorted(BASE_LEARNERS))
 @pytest.mark.parametrize("meta, variant", METHODS)
 def test_every_combination_trains_two_steps_or_is_refused(meta, variant, base, data, tmp_path, omniglot_fixture, cache_dir):

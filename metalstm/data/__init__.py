@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 
 from metalstm.config import choose, from_dict
 from metalstm.data.episodes import EpisodeBatch, FixedEpisodes, TaskSource, TrainEpisodes
+from metalstm.data.image_folder import ImageFolderConfig, build_image_folder
+from metalstm.data.mini_imagenet import MiniImageNetConfig, build_mini_imagenet
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot_strokes
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
@@ -27,6 +29,8 @@ DATASETS: dict[str, tuple[type, Callable[[Any], TaskSource]]] = {
     "sinusoid_seq": (SinusoidSeqConfig, SinusoidSeqTasks),
     "omniglot_strokes": (OmniglotStrokesConfig, build_omniglot_strokes),
     "seq_tasks": (SeqTasksConfig, SeqTasks),
+    "image_folder": (ImageFolderConfig, build_image_folder),
+    "mini_imagenet": (MiniImageNetConfig, build_mini_imagenet),
 }
 
 
@@ -39,6 +43,7 @@ class EpisodeConfig:
     test_tasks: int = 600
     eval_batch_size: int = 25  # tasks per validation/test batch
     episode_seed: int = 0  # fixes the val/test tasks; independent of the training seed
+    on_device: bool = True  # keep image data sets on the training device and gather episodes there
 
 
 class FewShotDataModule(pl.LightningDataModule):
@@ -50,6 +55,8 @@ class FewShotDataModule(pl.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def setup(self, stage: str) -> None:
+        if self.episodes.on_device and self.trainer is not None and hasattr(self.source, "to"):
+            self.source.to(self.trainer.strategy.root_device)
         _, world = self.rank_and_world()
         if stage == "fit" and self.episodes.meta_batch_size % world:
             raise ConfigError(
@@ -60,7 +67,8 @@ class FewShotDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         e = self.episodes
         rank, world = self.rank_and_world()
-        stream = TrainEpisodes(self.source, e.meta_batch_size // world, self.seed, rank)
+        start = self.trainer.global_step if self.trainer else 0  # restored already when a run resumes
+        stream = TrainEpisodes(self.source, e.meta_batch_size // world, self.seed, rank, start_step=start)
         return DataLoader(stream, batch_size=None)
 
     def _fixed(self, split: str, num_tasks: int) -> DataLoader:

@@ -15,6 +15,8 @@ class ClassTasks:
 
     images: the examples [num_classes, samples_per_class, ...]: uint8 images [.., channels, H, W]
         (0..255, served as floats in [0, 1]) or float examples of any shape (served as they are).
+    counts: examples of each class [num_classes] when classes differ in size (the rest of each row of
+        ``images`` is padding, never drawn); None when every class has ``images.shape[1]``.
     split_classes: for each of train/val/test, the indices of its classes (pairwise disjoint).
     rotate_splits: splits whose image classes are augmented with 90/180/270-degree rotations,
         each rotation counted as a new class (Santoro et al. 2016, Vinyals et al. 2016).
@@ -33,6 +35,7 @@ class ClassTasks:
         rotate_splits: Sequence[str] = (),
         info: dict | None = None,
         train_shots: int | None = None,
+        counts: Tensor | None = None,
     ):
         if (images.dtype == torch.uint8) != (images.dim() == 5) or images.dim() < 3:
             raise ValueError("examples must be uint8 images [classes, samples, channels, H, W] or float [classes, samples, ...]")
@@ -42,6 +45,7 @@ class ClassTasks:
         self.split_classes = {s: torch.as_tensor(c, dtype=torch.long) for s, c in split_classes.items()}
         self.rotate_splits = tuple(rotate_splits)
         self.info = info or {}
+        self.counts = counts
         self._check()
 
     def _check(self) -> None:
@@ -60,7 +64,7 @@ class ClassTasks:
                            ("query", self.query), ("eval_query", self.eval_query)):
             if value < 1:
                 raise ConfigError(f"data.{key}={value} must be a positive integer.")
-        per_class = self.images.shape[1]
+        per_class = self.images.shape[1] if self.counts is None else int(self.counts.min())
         for split in SPLITS:
             available = self.num_classes(split)
             if self.ways > available:
@@ -72,13 +76,20 @@ class ClassTasks:
             query, q_key = (self.query, "query") if split == "train" else (self.eval_query, "eval_query")
             if shots + query > per_class:
                 raise ConfigError(
-                    f"data.{key} + data.{q_key} = {shots + query} samples per class, but each class has only "
-                    f"{per_class}; lower data.{key} or data.{q_key}."
+                    f"data.{key} + data.{q_key} = {shots + query} samples per class, but "
+                    f"{'each class' if self.counts is None else 'the smallest class'} has only {per_class}; "
+                    f"lower data.{key} or data.{q_key}."
                 )
 
     @property
     def spec(self) -> dict:
         return {"task_type": self.task_type, "input_shape": tuple(self.images.shape[2:]), "output_dim": self.ways}
+
+    def to(self, device: torch.device | str) -> ClassTasks:
+        """Keep the examples on ``device`` (one tensor; Omniglot at 28 px is 25 MB): episodes are gathered there,
+        with no host copy of the images per step."""
+        self.images = self.images.to(device)
+        return self
 
     def num_classes(self, split: str) -> int:
         """Classes of a split, rotations counted as classes."""
@@ -92,16 +103,20 @@ class ClassTasks:
         # ways distinct (class, rotation) pairs per task; their order is the task's label order
         virtual = torch.rand(num_tasks, len(classes) * n_rot, generator=generator).argsort(1)[:, : self.ways]
         base, rotation = classes[virtual // n_rot], virtual % n_rot  # [B, N]
-        draws = torch.rand(num_tasks, self.ways, self.images.shape[1], generator=generator).argsort(-1)[..., :per_task]
-        x = self.images[base.unsqueeze(-1), draws]  # [B, N, K+Q, C, H, W]
-        for k in range(1, n_rot):
-            mask = rotation == k
-            if mask.any():
-                x[mask] = torch.rot90(x[mask], k, dims=(-2, -1))
+        scores = torch.rand(num_tasks, self.ways, self.images.shape[1], generator=generator)
+        if self.counts is not None:  # padding slots sort last, never drawn
+            scores.masked_fill_(torch.arange(self.images.shape[1]) >= self.counts[base].unsqueeze(-1), 2.0)
+        draws = scores.argsort(-1)[..., :per_task]
+        # indices are drawn on the CPU (the same tasks on every device); the gather runs where the examples are
+        device = self.images.device
+        x = self.images[base.unsqueeze(-1).to(device, non_blocking=True), draws.to(device, non_blocking=True)]
+        if n_rot > 1:  # [B, N, K+Q, C, H, W]; torch.where instead of masked writes: no device-to-host sync
+            turns = rotation.to(device, non_blocking=True)[:, :, None, None, None, None]
+            x = sum(torch.where(turns == k, torch.rot90(x, k, dims=(-2, -1)), 0) for k in range(n_rot))
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
         shape = x.shape[3:]
-        labels = torch.arange(self.ways)
+        labels = torch.arange(self.ways, device=device)
         return EpisodeBatch(
             support_x=x[:, :, :shots].reshape(num_tasks, -1, *shape),
             support_y=labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous(),

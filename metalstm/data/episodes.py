@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset
 
 SPLITS = ("train", "val", "test")
 
@@ -57,17 +57,22 @@ def stack_episodes(episodes: list[EpisodeBatch]) -> EpisodeBatch:
 
 
 class TrainEpisodes(IterableDataset):
-    """An endless stream of random meta-batches from the train split."""
+    """An endless stream of random meta-batches from the train split, from step ``start_step`` on.
 
-    def __init__(self, source: TaskSource, meta_batch_size: int, seed: int, rank: int = 0):
+    The meta-batch of step ``s`` is drawn from a generator seeded by ``(seed, rank, s)`` alone, so a run
+    resumed at step ``s`` sees exactly the tasks the uninterrupted run would have seen.
+    """
+
+    def __init__(self, source: TaskSource, meta_batch_size: int, seed: int, rank: int = 0, start_step: int = 0):
         self.source, self.meta_batch_size, self.seed, self.rank = source, meta_batch_size, seed, rank
+        self.start_step = start_step
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
-        worker = get_worker_info()
-        stream = task_seed(self.seed, f"train/rank{self.rank}", worker.id if worker else 0)
-        generator = torch.Generator().manual_seed(stream)
+        step = self.start_step
         while True:
+            generator = torch.Generator().manual_seed(task_seed(self.seed, f"train/rank{self.rank}", step))
             yield self.source.sample("train", self.meta_batch_size, generator)
+            step += 1
 
 
 class FixedEpisodes(Dataset):

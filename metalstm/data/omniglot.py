@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from metalstm.data.class_tasks import ClassTasks
+from metalstm.data.images import cached, prepare_image
 from metalstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ SOURCES = {  # name -> md5 of the official zip
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 DRAWINGS_PER_CHARACTER = 20
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLITS = ("vinyals", "random", "lake")
 
 
@@ -185,12 +186,6 @@ def decode(png: bytes, size: int, invert: bool) -> np.ndarray:
         return prepare_image(image, size, invert)
 
 
-def prepare_image(image: Image.Image, size: int, invert: bool) -> np.ndarray:
-    """Any image -> uint8 [size, size] grayscale, as the training images were made (strokes 255 if inverted)."""
-    pixels = np.asarray(image.convert("L").resize((size, size), Image.LANCZOS), dtype=np.uint8)
-    return 255 - pixels if invert else pixels
-
-
 # ----------------------------------------------------------------------------------------- cache
 
 
@@ -205,42 +200,13 @@ def load_omniglot(
         "invert": invert,
         "sources": {name: fingerprint(path) for name, path in sorted(sources.items())},
     }
-    cache_name = f"omniglot_{image_size}px{'_inv' if invert else ''}.pt"
-    candidates = [Path(cache_dir).expanduser()] if cache_dir else [root, Path.home() / ".cache" / "metalstm"]
-    for folder in candidates:
-        path = folder / cache_name
-        if path.is_file():
-            try:
-                cached = torch.load(path, weights_only=True)
-                if cached.get("stamp") == stamp:
-                    log.info("Omniglot loaded from cache %s", path)
-                    return cached["images"], list(cached["characters"])
-                log.info("cache %s is stale (other source files or preprocessing); rebuilding", path)
-            except Exception as e:  # a damaged cache is rebuilt, never trusted
-                log.warning("cache %s is unreadable (%s); rebuilding", path, e)
-    images, characters = preprocess(sources, image_size, invert)
-    for folder in candidates:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if not writable(folder):
-                continue
-            fd, tmp = tempfile.mkstemp(prefix=".omniglot.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            torch.save({"stamp": stamp, "images": images, "characters": characters}, tmp)
-            os.replace(tmp, folder / cache_name)
-            log.info("Omniglot preprocessed and cached at %s", folder / cache_name)
-            break
-        except OSError:
-            log.info("cannot write the cache in %s; trying the next place", folder)
-    return images, characters
+    folders = [Path(cache_dir).expanduser()] if cache_dir else [root, Path.home() / ".cache" / "metalstm"]
+    data = cached(f"omniglot_{image_size}px{'_inv' if invert else ''}.pt", stamp, folders,
+                  lambda: preprocess(sources, image_size, invert))
+    return data["images"], list(data["characters"])
 
 
-def writable(folder: Path) -> bool:
-    """Writable, and not marked read-only: a folder without write bits is left alone even by root."""
-    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
-
-
-def preprocess(sources: dict[str, Path], size: int, invert: bool) -> tuple[torch.Tensor, list[str]]:
+def preprocess(sources: dict[str, Path], size: int, invert: bool) -> dict:
     log.info("preprocessing Omniglot to %dx%d (once; cached afterwards)", size, size)
     characters, arrays = [], []
     for name in SOURCES:
@@ -256,8 +222,7 @@ def preprocess(sources: dict[str, Path], size: int, invert: bool) -> tuple[torch
                 raise DataError(f"a drawing of {key} in {sources[name]} is not a readable PNG ({e}); "
                                 f"replace the file with the official download.") from e
             characters.append(key)
-    images = torch.from_numpy(np.stack(arrays)).unsqueeze(2)  # [characters, 20, 1, size, size]
-    return images, characters
+    return {"images": torch.from_numpy(np.stack(arrays)), "characters": characters}  # [characters, 20, 1, S, S]
 
 
 # ----------------------------------------------------------------------------------------- splits

@@ -1,0 +1,140 @@
+"""Any folder of class sub-folders as few-shot episodes: ``data=image_folder data.root=DIR``.
+
+Two layouts:
+
+    DIR/<class>/<image>                  classes split train/val/test by ``class_split`` (seeded shuffle)
+    DIR/{train,val,test}/<class>/<image> the split is given by the folders
+
+Images (PNG, JPEG, ... by suffix; other files are skipped) are converted to ``channels`` (1 gray, 3 RGB),
+resized to ``image_size`` and cached as one uint8 tensor (``cache_dir``, default ``~/.cache/metalstm``),
+keyed by the folder's listing (paths, sizes, modification times) and the preprocessing settings.
+Classes may differ in size; every class needs at least shots + query images.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metalstm.data.class_tasks import ClassTasks
+from metalstm.data.episodes import SPLITS
+from metalstm.data.images import IMAGE_SUFFIXES, cached, image_files, read_image, stack_classes
+from metalstm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageFolderConfig:
+    root: str | None = None  # required: the folder of class sub-folders
+    image_size: int = 84
+    channels: int = 3  # 1: grayscale, 3: RGB
+    invert: bool = False
+    class_split: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.20])  # train/val/test share of classes
+    split_seed: int = 0
+    cache_dir: str | None = None  # None: ~/.cache/metalstm
+    rotate_splits: list[str] = field(default_factory=list)
+    ways: int = 5
+    shots: int = 1
+    train_shots: int | None = None
+    query: int = 15
+    eval_query: int = 15
+
+
+def check_preprocessing(image_size: int, channels: int) -> None:
+    if channels not in (1, 3):
+        raise ConfigError(f"data.channels={channels}; use 1 (grayscale) or 3 (RGB).")
+    if image_size < 4:
+        raise ConfigError(f"data.image_size={image_size} is too small; use e.g. 84 (mini-ImageNet) or 28 (Omniglot).")
+
+
+def class_folders(root: Path, split_seed: int, fractions: list[float]) -> dict[str, list[Path]]:
+    """The class folders of each split."""
+    if all((root / s).is_dir() for s in SPLITS):
+        return {s: sorted(p for p in (root / s).iterdir() if p.is_dir()) for s in SPLITS}
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(fractions) != 3 or any(f <= 0 for f in fractions):
+        raise ConfigError(f"data.class_split={list(fractions)} must be three positive shares (train, val, test).")
+    if len(classes) < 3:
+        raise DataError(
+            f"{root} has {len(classes)} class sub-folder(s); few-shot episodes need classes for train, val and test. "
+            f"Put each class's images in its own sub-folder of {root} (or use {root}/train|val|test/<class>/)."
+        )
+    random.Random(split_seed).shuffle(classes)
+    total = sum(fractions)
+    n_val = max(1, round(len(classes) * fractions[1] / total))
+    n_test = max(1, round(len(classes) * fractions[2] / total))
+    n_train = len(classes) - n_val - n_test
+    return {"train": classes[:n_train], "val": classes[n_train : n_train + n_val], "test": classes[n_train + n_val :]}
+
+
+def listing(files: list[Path], root: Path) -> str:
+    """A fingerprint of the source files: relative path, size and modification time of each."""
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_class_images(root: Path, folders: list[Path], image_size: int, channels: int, invert: bool,
+                      cache_dir: str | None, minimum: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images of each class folder, [classes, max images, C, S, S] uint8, and the per-class counts."""
+    files = []
+    for folder in folders:
+        images = image_files(folder)
+        skipped = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+        if skipped:
+            log.info("%s: skipped %d file(s) that are not images (e.g. %s)", folder, len(skipped), skipped[0])
+        if len(images) < minimum:
+            raise DataError(
+                f"Class folder {folder} has {len(images)} image(s), but each episode draws shots + query = {minimum} "
+                f"per class. Add images, remove the folder, or lower data.shots/data.query/data.eval_query."
+            )
+        files.append(images)
+    stamp = {"version": CACHE_VERSION, "image_size": image_size, "channels": channels, "invert": invert,
+             "files": listing([f for group in files for f in group], root)}
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    name = f"image_folder_{key}_{image_size}px_{channels}ch{'_inv' if invert else ''}.pt"
+    cache = [Path(cache_dir).expanduser()] if cache_dir else [Path.home() / ".cache" / "metalstm"]
+
+    def build() -> dict:
+        log.info("preprocessing %d images of %d classes in %s (once; cached afterwards)",
+                 sum(map(len, files)), len(files), root)
+        per_class = [np.stack([read_image(f, image_size, invert, channels) for f in group]) for group in files]
+        images, counts = stack_classes(per_class)
+        return {"images": images, "counts": counts if counts is not None else torch.zeros(0, dtype=torch.long)}
+
+    data = cached(name, stamp, cache, build)
+    return data["images"], data["counts"] if data["counts"].numel() else None
+
+
+def build_image_folder(cfg: ImageFolderConfig) -> ClassTasks:
+    if not cfg.root:
+        raise ConfigError("data=image_folder needs data.root=<a folder with one sub-folder of images per class>.")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root} is not a folder ({root.resolve()}). Point it at a folder with one "
+                        f"sub-folder of images per class.")
+    check_preprocessing(cfg.image_size, cfg.channels)
+    splits = class_folders(root, cfg.split_seed, list(cfg.class_split))
+    ordered = [folder for s in SPLITS for folder in splits[s]]
+    train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots
+    minimum = max(train_shots + cfg.query, cfg.shots + cfg.eval_query)
+    images, counts = load_class_images(root, ordered, cfg.image_size, cfg.channels, cfg.invert, cfg.cache_dir, minimum)
+    sizes = {s: len(splits[s]) for s in SPLITS}
+    split_classes = {"train": torch.arange(sizes["train"]),
+                     "val": torch.arange(sizes["train"], sizes["train"] + sizes["val"]),
+                     "test": torch.arange(sizes["train"] + sizes["val"], len(ordered))}
+    return ClassTasks(
+        images, split_classes, ways=cfg.ways, shots=cfg.shots, query=cfg.query, eval_query=cfg.eval_query,
+        train_shots=cfg.train_shots, rotate_splits=cfg.rotate_splits, counts=counts,
+        info={"dataset": "image_folder", "root": str(root), "image_size": cfg.image_size, "channels": cfg.channels,
+              "class_names": {s: [p.name for p in splits[s]] for s in SPLITS}},
+    )

@@ -1,0 +1,313 @@
+"""Compare runs: a table of what differs and what each run scored, seed aggregates, plots, one HTML page.
+
+``python scripts/compare_runs.py outputs/multirun/<date>/<time>`` (or several run folders). A run folder
+is one with ``.hydra/config.yaml``; its ``results.json`` (test metrics with their 95% CI over test tasks)
+and ``csv/metrics.csv`` (learning curves) are read when present. Runs whose configs differ only in
+``seed`` form a group, reported as mean +- 95% CI over seeds (Student's t).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from metalstm.errors import DataError
+
+IGNORED = ("paths.", "hydra.", "run_id", "resume")  # keys that differ between runs without meaning anything
+# two-sided 95% Student's t for 1..30 degrees of freedom; 1.96 beyond
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # the folder, relative to the compared folders
+    config: dict[str, Any]  # flattened: "meta_learner.inner_lr" -> 0.01
+    results: dict[str, Any] | None  # results.json, None for a run that did not finish
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
+
+    @property
+    def status(self) -> str:
+        return "done" if self.results else "unfinished"
+
+    def metric(self, name: str) -> tuple[float, float] | None:
+        metrics = (self.results or {}).get("metrics", {})
+        if name not in metrics or not math.isfinite(metrics[name]):
+            return None
+        return metrics[name], metrics.get(f"{name}_ci95", float("nan"))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def find_runs(folders: list[Path]) -> list[Run]:
+    """Every run folder in or below ``folders`` (multirun sweeps hold one per job), in order."""
+    runs: list[Run] = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder. Pass run folders or sweep folders (outputs/multirun/<date>/<time>).")
+        configs = sorted((p for p in folder.rglob("config.yaml") if p.parent.name == ".hydra"),
+                         key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+        for config_file in configs:
+            run_dir = config_file.parent.parent
+            name = str(run_dir.relative_to(folder.parent)) if run_dir != folder else folder.name
+            runs.append(read_run(run_dir, name))
+    if not runs:
+        raise DataError(
+            f"No runs found in {', '.join(map(str, folders))}: a run folder holds .hydra/config.yaml (train.py writes "
+            f"it). Pass the folder printed at the end of a run, or a sweep folder outputs/multirun/<date>/<time>."
+        )
+    return runs
+
+
+def read_run(run_dir: Path, name: str) -> Run:
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():  # the experiment is a config-group choice, not a config key
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        config["experiment"] = choices.get("experiment") or "default"
+    results_file = run_dir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    return Run(run_dir, name, flatten(config), results, read_curves(run_dir / "csv" / "metrics.csv"))
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if not path.is_file():
+        return curves
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key != "step" and value not in ("", None) and not key.startswith("test/"):
+                    curves.setdefault(key, []).append((int(row["step"]), float(value)))
+    return curves
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED)})
+    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def test_metrics(runs: list[Run]) -> list[str]:
+    names = {k for r in runs for k in (r.results or {}).get("metrics", {})
+             if k.startswith("test/") and not k.endswith("_ci95") and k != "test/num_tasks" and k != "test/loss"}
+    order = ["test/acc", "test/mse", "test/token_acc", "test/seq_acc", "test/point_error"]
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t over the values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def fmt_ci(pair: tuple[float, float] | None) -> str:
+    if pair is None:
+        return ""
+    mean, ci = pair
+    return f"{mean:.4g}" if math.isnan(ci) else f"{mean:.4g} ± {ci:.2g}"
+
+
+@dataclass
+class Report:
+    runs: list[Run]
+    keys: list[str]  # config keys that differ between runs
+    metrics: list[str]  # test metrics found
+    run_rows: list[dict[str, str]]
+    seed_rows: list[dict[str, str]]  # one per group of runs that differ only by seed (2 or more runs)
+
+
+def build_report(runs: list[Run]) -> Report:
+    keys = differing_keys(runs)
+    metrics = test_metrics(runs)
+    run_rows = []
+    for run in runs:
+        row = {"run": run.name, "status": run.status, **{k: fmt(run.config.get(k)) for k in keys}}
+        for metric in metrics:
+            row[metric] = fmt_ci(run.metric(metric))
+        row["steps"] = fmt((run.results or {}).get("steps", ""))
+        row["train_seconds"] = fmt((run.results or {}).get("train_seconds", ""))
+        run_rows.append(row)
+    group_keys = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(fmt(run.config.get(k)) for k in group_keys), []).append(run)
+    seed_rows = []
+    if "seed" in keys:
+        for values, members in groups.items():
+            done = [r for r in members if r.results]
+            if len(done) < 2:
+                continue
+            row = {**dict(zip(group_keys, values)), "seeds": ", ".join(fmt(r.config.get("seed")) for r in done)}
+            for metric in metrics:
+                scores = [r.metric(metric)[0] for r in done if r.metric(metric)]
+                row[metric] = fmt_ci(mean_ci95(scores)) if scores else ""
+            seed_rows.append(row)
+    return Report(runs, keys, metrics, run_rows, seed_rows)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def write_table(rows: list[dict[str, str]], stem: Path) -> None:
+    """``stem``.csv and ``stem``.md."""
+    columns = list(rows[0])
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(escape(r.get(c, "")) for c in columns) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def run_label(run: Run, keys: list[str]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(run.config.get(k))}" for k in keys) or run.name
+
+
+def plot_curves(report: Report, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val_names = sorted({k for r in report.runs for k in r.curves if k.startswith("val/") and k != "val/loss"})
+    panels = [("train/loss", "meta-training loss")] + [(k, f"validation {k[4:]}") for k in val_names]
+    panels = [(k, title) for k, title in panels if any(k in r.curves for r in report.runs)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for run in report.runs:
+            if key in run.curves:
+                steps, values = zip(*run.curves[key])
+                ax.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3,
+                        label=run_label(run, report.keys))
+        ax.set_title(title)
+        ax.set_xlabel("meta-training step")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_final(report: Report, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [(m, [(r, r.metric(m)) for r in report.runs if r.metric(m)]) for m in report.metrics]
+    scored = [(m, pairs) for m, pairs in scored if pairs]
+    if not scored:
+        return False
+    fig, axes = plt.subplots(1, len(scored), figsize=(max(5.0, 0.9 * len(report.runs) + 2) * len(scored), 4.2),
+                             squeeze=False)
+    for ax, (metric, pairs) in zip(axes[0], scored):
+        labels = [run_label(r, report.keys) for r, _ in pairs]
+        means = [p[0] for _, p in pairs]
+        cis = [0.0 if math.isnan(p[1]) else p[1] for _, p in pairs]
+        ax.bar(range(len(pairs)), means, yerr=cis, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(pairs)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{metric} (95% CI over test tasks)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def html_table(rows: list[dict[str, str]], row_class: str) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(f'<tr class="{row_class}">' + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in rows[0])
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>metalstm: {title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+</style></head>
+<body>
+<h1>Run comparison</h1>
+<p>{summary}</p>
+<h2>Runs</h2>
+<p>Config keys that differ between runs, and each run's test metrics (mean ± 95% CI over its test tasks).</p>
+{runs}
+{seeds}
+{images}
+<script>
+// lets a headless browser confirm what rendered: rows and decoded images
+window.addEventListener("load", function () {{
+  var images = Array.prototype.slice.call(document.images);
+  document.body.dataset.rows = document.querySelectorAll("tr.run").length;
+  document.body.dataset.imagesLoaded = images.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
+    """Write runs.{csv,md}, seeds.{csv,md} (when runs differ by seed), curves.png, final.png and report.html
+    to ``out``; returns what was written."""
+    report = build_report(find_runs(folders))
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"runs": out / "runs.md"}
+    write_table(report.run_rows, out / "runs")
+    if report.seed_rows:
+        write_table(report.seed_rows, out / "seeds")
+        written["seeds"] = out / "seeds.md"
+    images = []
+    for name, plot, caption in (("curves", plot_curves, "Learning curves"),
+                                ("final", plot_final, "Final test metrics (error bars: 95% CI over test tasks)")):
+        if plot(report, out / f"{name}.png"):
+            written[name] = out / f"{name}.png"
+            data = base64.b64encode((out / f"{name}.png").read_bytes()).decode()
+            images.append(f'<h2>{caption}</h2><img alt="{name}" src="data:image/png;base64,{data}">')
+    seeds = ""
+    if report.seed_rows:
+        seeds = ("<h2>Across seeds</h2><p>Runs that differ only in <code>seed</code>: mean ± 95% CI over seeds "
+                 "(Student's t).</p>" + html_table(report.seed_rows, "group"))
+    done = sum(r.results is not None for r in report.runs)
+    summary = (f"{len(report.runs)} runs ({done} finished) from {html.escape(', '.join(map(str, folders)))}; "
+               f"differing keys: {html.escape(', '.join(report.keys) or 'none')}.")
+    page = PAGE.format(title=html.escape(folders[0].name), summary=summary, runs=html_table(report.run_rows, "run"),
+                       seeds=seeds, images="\n".join(images))
+    (out / "report.html").write_text(page)
+    written["html"] = out / "report.html"
+    return written

@@ -1,0 +1,39 @@
+"""Stopping a run: SIGTERM and Ctrl-C save last.ckpt and exit with a message; the run then resumes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+LONG = ["trainer.max_steps=100000", "trainer.val_check_interval=100000", "trainer.log_every_n_steps=10",
+        "callbacks.last_checkpoint.every_n_steps=100000", "data.test_tasks=10"]
+
+
+@pytest.mark.slow  # two training processes stopped by a signal, and their resumes
+@pytest.mark.parametrize("signum, code, words", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum, code, words):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *LONG], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("outputs/*/*/csv/metrics.csv")):
+        time.sleep(0.1)  # the CSV logger has written: training is under way
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-3000:]
+    (run,) = tmp_path.glob("outputs/*/*")
+    assert f"stopped by {words} at step" in err and f"resume={run}" in err and "Traceback" not in err
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step >= 1
+
+    resumed = run_script("train.py", f"resume={run}", f"trainer.max_steps={step + 20}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(10 tasks)" in resumed.stdout

@@ -1,0 +1,82 @@
+"""A sweep, then the comparison report on it: tables, seed aggregates, plots, and the HTML page in a real browser."""
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_script
+from metalstm.report import mean_ci95
+
+
+def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def render(page: Path) -> str:
+    """The page's DOM after load, from headless Chromium (Debian's package; .ci/run installs it)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does)")
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+             "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_sweep_then_compare_runs_report(tmp_path):
+    sweep = run_script("train.py", "-m", "+experiment=sinusoid", "meta_learner.inner_lr=0.01,0.02", "seed=1,2",
+                       "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=10",
+                       "data.val_tasks=10", "data.test_tasks=20", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (sweep_dir,) = tmp_path.glob("outputs/multirun/*/*")
+    runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1", "2", "3"]  # one folder per job, none shared
+    assert all((p / "results.json").is_file() and (p / "checkpoints" / "best.ckpt").is_file() for p in runs)
+
+    result = compare(str(sweep_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = sweep_dir / "report"
+    table = rows(report / "runs.csv")
+    assert len(table) == 4
+    assert {(r["meta_learner.inner_lr"], r["seed"]) for r in table} == {("0.01", "1"), ("0.01", "2"), ("0.02", "1"), ("0.02", "2")}
+    assert all(re.fullmatch(r"[\d.]+ ± [\d.e+-]+", r["test/mse"]) and r["status"] == "done" for r in table)
+    assert "| meta_learner.inner_lr | seed |" in (report / "runs.md").read_text()
+    seeds = rows(report / "seeds.csv")
+    assert [(r["meta_learner.inner_lr"], r["seeds"]) for r in seeds] == [("0.01", "1, 2"), ("0.02", "1, 2")]
+    for name in ("curves.png", "final.png"):
+        with Image.open(report / name) as image:
+            assert image.format == "PNG" and image.width > 300
+    page = (report / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # opens offline: plots are embedded
+
+    dom = render(report / "report.html")
+    assert 'data-rows="4"' in dom and 'data-images-loaded="2"' in dom
+    assert dom.count('<tr class="run">') == 4 and dom.count('<tr class="group">') == 2
+
+
+def test_compare_runs_on_a_folder_without_runs(tmp_path):
+    result = compare(str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "No runs found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seed_interval_uses_students_t():
+    mean, ci = mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / 3 ** 0.5, rel=1e-4)
