@@ -24,7 +24,8 @@ def choose(registry: dict[str, tuple[type, Any]], cfg: dict[str, Any], group: st
     return name, registry[name], rest
 
 
-def from_dict(config_class: type[T], values: dict[str, Any], group: str, siblings: Iterable[type] = ()) -> T:
+def from_dict(config_class: type[T], values: dict[str, Any], group: str, siblings: Iterable[type] = (),
+              warn: bool = True) -> T:
     """Build ``config_class`` from ``values``.
 
     A key of a sibling config (another algorithm of the same group) is dropped with a warning, so
@@ -34,7 +35,7 @@ def from_dict(config_class: type[T], values: dict[str, Any], group: str, sibling
     known = {f.name for f in fields(config_class)}
     sibling_keys = {f.name for s in siblings for f in fields(s)} - known
     dropped = sorted(set(values) & sibling_keys)
-    if dropped:
+    if dropped and warn:
         log.warning("%s: %s do(es) not apply to %s; ignored", group, ", ".join(dropped), config_class.__name__)
     unknown = sorted(set(values) - known - sibling_keys)
     if unknown:
@@ -64,12 +65,16 @@ def resumable_run(resume: Any) -> Path | None:
     return target[0] if target else None
 
 
-# train.yaml: a resumed run writes into its own folder, its Hydra files beside the first ones (never over them)
+def hydra_subdir(run_dir: str, stamp: str) -> str:
+    """Where Hydra writes its config files: ``.hydra``, or ``.hydra/<stamp>`` when the run folder has them already
+    (a resumed run, or a folder named by hand): the first ones are never written over."""
+    return f".hydra/{stamp}" if (Path(run_dir) / ".hydra" / "config.yaml").is_file() else ".hydra"
+
+
+# train.yaml: a resumed run writes into its own folder, its Hydra files beside the first ones
 OmegaConf.register_new_resolver(
     "metalstm.run_dir", lambda resume, fresh: str(resumable_run(resume) or fresh), replace=True)
-OmegaConf.register_new_resolver(
-    "metalstm.hydra_subdir", lambda resume, stamp: f".hydra/resumed-{stamp}" if resumable_run(resume) else ".hydra",
-    replace=True)
+OmegaConf.register_new_resolver("metalstm.hydra_subdir", hydra_subdir, replace=True)
 
 
 def sqlite_url(path: str) -> str:

@@ -11,6 +11,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,17 +19,19 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from metalstm.checkpointing import AtomicCheckpointIO, stop_on_sigint
-from metalstm.config import from_dict, resume_target
+from metalstm.config import choose, from_dict, resume_target
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import CheckpointError, ConfigError, MetalstmError
-from metalstm.learners import build_base_learner
-from metalstm.meta import build_meta_learner
+from metalstm.learners import BASE_LEARNERS, build_base_learner
+from metalstm.meta import META_LEARNERS, build_meta_learner
 from metalstm.module import CHECKPOINT_FORMAT, MetaLearningModule, OptimConfig
 from metalstm.objectives import Objective, get_objective
 
@@ -51,8 +54,24 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         sys.exit(2)
 
 
+def check_config(config: dict) -> None:
+    """What can be checked before any data is read: component names, their keys, positive step sizes."""
+    for group, registry, noun in (("base_learner", BASE_LEARNERS, "base learner"),
+                                  ("meta_learner", META_LEARNERS, "meta-learner")):
+        _, (config_class, _), rest = choose(registry, config[group], group, noun)
+        values = from_dict(config_class, rest, group, siblings=(c for c, _ in registry.values()), warn=False)
+        for f in fields(values):
+            value = getattr(values, f.name)
+            if (f.name == "lr" or f.name.endswith("_lr")) and isinstance(value, (int, float)) and value <= 0:
+                raise ConfigError(f"{group}.{f.name}={value} must be positive: it is a step size (e.g. {f.default}).")
+    optim = from_dict(OptimConfig, config.get("optim", {}), "optim")
+    if optim.meta_lr <= 0:
+        raise ConfigError(f"optim.meta_lr={optim.meta_lr} must be positive: it is the outer step size (e.g. 0.001).")
+
+
 def build(config: dict) -> tuple[MetaLearningModule, FewShotDataModule]:
     """Module and data from a resolved config (plain dict): base learner + meta-learner + task source."""
+    check_config(config)
     datamodule = build_datamodule(config["data"], seed=config["seed"])
     return build_module(config, datamodule.source.spec), datamodule
 
@@ -91,24 +110,39 @@ def experiment_name() -> str:
     return "default"
 
 
-def instantiate_group(entries: dict | None, **auto: Any) -> list[Any]:
+def instantiate_checked(entry: dict, where: str, **kwargs: Any) -> Any:
+    """``instantiate`` whose failures (an unknown or impossible setting) name the config entry."""
+    try:
+        return instantiate(entry, **kwargs)
+    except (InstantiationException, MisconfigurationException, TypeError, ValueError) as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, MetalstmError):
+            raise cause from None
+        reason = " ".join(str(cause).split())
+        raise ConfigError(f"{where} ({entry.get('_target_')}) cannot be built: {reason[:400]}. Check the "
+                          f"{where}.* settings on the command line and in the experiment.") from e
+
+
+def instantiate_group(entries: dict | None, where: str, **auto: Any) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group; a value ``auto`` whose key is in ``auto`` is filled in."""
     objects = []
-    for entry in (entries or {}).values():
+    for name, entry in (entries or {}).items():
         if isinstance(entry, dict) and "_target_" in entry:
-            objects.append(instantiate(entry, **{k: v for k, v in auto.items() if entry.get(k) == "auto"}))
+            filled = {k: v for k, v in auto.items() if entry.get(k) == "auto"}
+            objects.append(instantiate_checked(entry, f"{where}.{name}", **filled))
     return objects
 
 
 def make_callbacks(config: dict, objective: Objective) -> list[Any]:
     """The ``callbacks`` group; checkpoints follow the objective's validation metric."""
-    return instantiate_group(config.get("callbacks"), monitor=f"val/{objective.monitor}", mode=objective.monitor_mode)
+    return instantiate_group(config.get("callbacks"), "callbacks", monitor=f"val/{objective.monitor}",
+                             mode=objective.monitor_mode)
 
 
 def make_loggers(config: dict, job_type: str, run_id: str | None = None, resume_step: int | None = None) -> list[Any]:
     """The ``logger`` group: W&B runs grouped by experiment and identified by ``run_id`` (a resumed run keeps
     its own); a resumed run's CSV and TensorBoard logs continue after ``resume_step``."""
-    return instantiate_group(config.get("logger"), group=config.get("experiment") or "default", job_type=job_type,
+    return instantiate_group(config.get("logger"), "logger", group=config.get("experiment") or "default", job_type=job_type,
                              id=run_id, purge_step=resume_step, resume_step=resume_step)
 
 
@@ -162,6 +196,7 @@ def train(cfg: DictConfig) -> float | None:
         cfg.experiment = experiment_name()
         config = OmegaConf.to_container(cfg, resolve=True)
         ckpt_path, resume_step = None, None
+        refuse_existing_run(Path(config["paths"]["output_dir"]))
     config.setdefault("run_id", uuid.uuid4().hex[:12])  # names the run on dashboards; resume keeps it
     output_dir = Path(config["paths"]["output_dir"])
     check_accelerator(str(config["trainer"].get("accelerator", "auto")))
@@ -174,8 +209,8 @@ def train(cfg: DictConfig) -> float | None:
     loggers = make_loggers(config, "train", config["run_id"], resume_step)
     for logger in loggers:
         logger.log_hyperparams(config)  # the full resolved config, on every dashboard
-    trainer: pl.Trainer = instantiate(config["trainer"], callbacks=callbacks, logger=loggers or False,
-                                      plugins=[AtomicCheckpointIO()])
+    trainer: pl.Trainer = instantiate_checked(config["trainer"], "trainer", callbacks=callbacks,
+                                              logger=loggers or False, plugins=[AtomicCheckpointIO()])
     log.info("experiment %s: %s on %s, output in %s%s", config["experiment"], config["meta_learner"]["name"],
              config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
 
@@ -213,6 +248,17 @@ def train(cfg: DictConfig) -> float | None:
     print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {best or 'none (checkpointing off)'}\n"
           f"  results:     {output_dir / 'results.json'}")
     return best_score
+
+
+def refuse_existing_run(output_dir: Path) -> None:
+    """A new run never writes over another one's checkpoints and results."""
+    earlier = [p for p in (output_dir / "results.json", *sorted(output_dir.glob("checkpoints/*.ckpt"))) if p.exists()]
+    if earlier:
+        raise ConfigError(
+            f"{output_dir} holds a run already ({', '.join(str(p.relative_to(output_dir)) for p in earlier[:3])}); a "
+            f"new run never writes over one. Continue it with resume={output_dir}, or leave hydra.run.dir unset so "
+            f"train.py makes a new folder."
+        )
 
 
 RESUMABLE = ("trainer.", "data.root", "data.cache_dir")  # what a resumed run may change

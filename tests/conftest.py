@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # one test process per core: one math thread each, and in the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # train.py processes they start (set before torch loads)
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import random
 import subprocess
 import sys
@@ -12,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"

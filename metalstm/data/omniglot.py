@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -62,6 +64,12 @@ def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
         raise ConfigError(f"data.split={cfg.split!r} is not an Omniglot split; choose one of {list(SPLITS)}.")
     if cfg.image_size < 4:
         raise ConfigError(f"data.image_size={cfg.image_size} is too small; use e.g. 28 (the standard).")
+    train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots
+    for key, total in (("data.train_shots + data.query", train_shots + cfg.query),
+                       ("data.shots + data.eval_query", cfg.shots + cfg.eval_query)):
+        if total > DRAWINGS_PER_CHARACTER:  # known before reading any file
+            raise ConfigError(f"{key} = {total} drawings per character, but Omniglot has {DRAWINGS_PER_CHARACTER}; "
+                              f"lower them.")
     images, names = load_omniglot(Path(cfg.root).expanduser(), cfg.image_size, cfg.invert, cfg.download, cfg.cache_dir)
     splits = split_characters(names, cfg.split, cfg.split_seed)
     return ClassTasks(
@@ -156,34 +164,68 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+DRAWING_NAME = re.compile(r"\d{4}_\d{2}\.(png|txt)")  # the official files: <character id>_<drawer>.png/.txt
+
+
 def read_drawings(source: Path, name: str, suffix: str = ".png") -> dict[str, list[tuple[str, bytes]]]:
     """character key ('images_background/<Alphabet>/characterNN') -> sorted [(file name, bytes)]
-    of the drawing files (``suffix``: .png images, .txt pen strokes) in a zip or extracted folder."""
+    of the drawing files (``suffix``: .png images, .txt pen strokes) in a zip or extracted folder.
+
+    Nothing is extracted: zips are read in memory, and a member whose path leaves the archive's folder
+    ('..', absolute paths) is refused. A file that is not an official drawing name is an error naming it
+    (hidden files such as .DS_Store are skipped); an empty character folder is kept (with no drawings)."""
     characters: dict[str, list[tuple[str, bytes]]] = {}
+
+    def add(parts: list[str], read: Callable[[], bytes], where: str) -> None:
+        if len(parts) != 4 or parts[0] != name or parts[3].startswith("."):
+            return
+        if not DRAWING_NAME.fullmatch(parts[3]):
+            raise DataError(f"{where} is not an Omniglot drawing (the official files are named <id>_<nn>{suffix}). "
+                            f"Remove the stray file from the class folder, or use the official download.")
+        if parts[3].endswith(suffix):
+            characters.setdefault("/".join(parts[:3]), []).append((parts[3], read()))
+
     if source.is_file():
         try:
             with zipfile.ZipFile(source) as archive:
                 for member in archive.namelist():
                     parts = member.split("/")
-                    if member.endswith(suffix) and len(parts) == 4 and parts[0] == name:
-                        characters.setdefault("/".join(parts[:3]), []).append((parts[3], archive.read(member)))
+                    if member.startswith("/") or ".." in parts or "\\" in member:
+                        raise DataError(f"{source} holds {member!r}, a path outside the archive's folder (a 'zip slip'); "
+                                        f"refusing to read it. Use the official download.")
+                    if member.endswith("/") and len(parts) == 4 and parts[0] == name:  # a character folder
+                        characters.setdefault("/".join(parts[:3]), [])
+                    elif not member.endswith("/"):
+                        add(parts, lambda m=member: archive.read(m), f"{source}:{member}")
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(
                 f"{source} is not a readable zip ({e}); it may be truncated. Delete it and download it again "
                 f"(data.download=true fetches it)."
             ) from e
     else:
-        for file in source.glob(f"*/*/*{suffix}"):
-            key = f"{name}/{file.parent.parent.name}/{file.parent.name}"
-            characters.setdefault(key, []).append((file.name, file.read_bytes()))
+        for folder in source.glob("*/*"):
+            if folder.is_dir():
+                characters.setdefault(f"{name}/{folder.parent.name}/{folder.name}", [])
+                for file in folder.iterdir():
+                    if file.is_file():
+                        add([name, folder.parent.name, folder.name, file.name], file.read_bytes, str(file))
     if not characters:
         raise DataError(f"{source} holds no drawings in the official layout ({name}/<Alphabet>/<character>/*{suffix}).")
     return {k: sorted(v) for k, v in characters.items()}
 
 
-def decode(png: bytes, size: int, invert: bool) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as image:
-        return prepare_image(image, size, invert)
+OFFICIAL_SIZE = (105, 105)
+
+
+def decode(png: bytes, size: int, invert: bool, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if image.size != OFFICIAL_SIZE:
+                raise DataError(f"{where} is {image.size[0]}x{image.size[1]} pixels; official Omniglot drawings are "
+                                f"105x105. Replace the file with the official download.")
+            return prepare_image(image, size, invert)
+    except OSError as e:  # PIL.UnidentifiedImageError and truncated images are OSErrors
+        raise DataError(f"{where} is not a readable PNG ({e}); replace the file with the official download.") from e
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -214,13 +256,10 @@ def preprocess(sources: dict[str, Path], size: int, invert: bool) -> dict:
             if len(drawings) != DRAWINGS_PER_CHARACTER:
                 raise DataError(
                     f"{key} in {sources[name]} has {len(drawings)} drawings, expected {DRAWINGS_PER_CHARACTER}; "
-                    f"the file is incomplete. Replace it with the official download."
+                    f"the data is incomplete. Replace it with the official download."
                 )
-            try:
-                arrays.append(np.stack([decode(png, size, invert) for _, png in drawings]))
-            except OSError as e:  # PIL.UnidentifiedImageError is an OSError
-                raise DataError(f"a drawing of {key} in {sources[name]} is not a readable PNG ({e}); "
-                                f"replace the file with the official download.") from e
+            where = f"{sources[name]}{':' if sources[name].is_file() else '/'}{key.split('/', 1)[1]}"
+            arrays.append(np.stack([decode(png, size, invert, f"{where}/{file}") for file, png in drawings]))
             characters.append(key)
     return {"images": torch.from_numpy(np.stack(arrays)), "characters": characters}  # [characters, 20, 1, S, S]
 
@@ -235,8 +274,12 @@ def split_characters(characters: list[str], split: str, seed: int) -> dict[str, 
         listing = json.loads(resources.files("metalstm.data").joinpath("splits/vinyals.json").read_text())
         missing = [c for s in ("train", "val", "test") for c in listing[s] if c not in index]
         if missing:
-            raise DataError(f"{len(missing)} characters of the Vinyals split are not in the data (e.g. {missing[0]}); "
-                            f"the Omniglot files are incomplete.")
+            alphabets = sorted({c.rsplit("/", 1)[0] for c in missing})
+            raise DataError(
+                f"{len(missing)} characters of the Vinyals split are not in the data, from alphabet(s) "
+                f"{', '.join(alphabets[:5])}{' ...' if len(alphabets) > 5 else ''}: the Omniglot files are incomplete. "
+                f"Replace them with the official downloads (or use data.split=lake or random on partial data)."
+            )
         return {s: [index[c] for c in listing[s]] for s in ("train", "val", "test")}
     if split == "random":  # MAML's protocol: a seeded shuffle of all characters
         order = list(range(len(characters)))

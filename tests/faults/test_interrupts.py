@@ -17,7 +17,6 @@ LONG = ["trainer.max_steps=100000", "trainer.val_check_interval=100000", "traine
         "callbacks.last_checkpoint.every_n_steps=100000", "data.test_tasks=10"]
 
 
-@pytest.mark.slow  # two training processes stopped by a signal, and their resumes
 @pytest.mark.parametrize("signum, code, words", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
 def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum, code, words):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}

@@ -77,7 +77,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert results["best_val"] == expected["best_val"]
     # the run's first Hydra files are kept; the resume's own sit beside them
     assert digest(run / ".hydra" / "config.yaml") == first_config
-    assert len(list((run / ".hydra").glob("resumed-*/overrides.yaml"))) == 1
+    assert len(list((run / ".hydra").glob("*/overrides.yaml"))) == 1
     # metrics.csv continues: every training step logged once, in order
     lines = (run / "csv" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
