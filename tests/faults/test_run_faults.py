@@ -39,6 +39,7 @@ def test_impossible_config_is_refused_before_the_data_is_read(overrides, words, 
 @pytest.mark.parametrize("overrides, words", [
     (["data.ways=60"], ["data.ways=60", "classes of the", "split"]),
     (["base_learner=conv4"], ["conv4", "base_learner=mlp"]),  # a CNN cannot read sinusoid points
+    (["meta_learner=protonet"], ["meta_learner=protonet", "classification", "regression"]),  # no prototypes of reals
 ])
 def test_impossible_combination_with_the_data_is_refused(overrides, words, omniglot_fixture, cache_dir, tmp_path,
                                                          capsys):
