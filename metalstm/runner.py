@@ -245,8 +245,9 @@ def train(cfg: DictConfig) -> float | None:
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
     log.info("%s  [results: %s]", line, output_dir / "results.json")
-    print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {best or 'none (checkpointing off)'}\n"
-          f"  results:     {output_dir / 'results.json'}")
+    tested = best or ("none: checkpointing is off" if checkpoint is None else
+                      "none: no validation ran, so the final weights were tested")
+    print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {tested}\n  results:     {output_dir / 'results.json'}")
     return best_score
 
 
