@@ -134,7 +134,7 @@ def test_a_malicious_checkpoint_cannot_run_code(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     with open(run / "checkpoints" / "last.ckpt", "wb") as f:
-        pickle.dump({"metalstm": {"format": 1, "config": {}}, "state_dict": Exploit()}, f)
+        pickle.dump({"metalstm": {"format": 1, "config": {}}, "state_dict": Exploit()}, f, protocol=2)
     (run / "checkpoints" / "best.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
     before = snapshot(run)
     code, err = cli("eval", [f"run_dir={run}"], tmp_path / "eval", capsys)
