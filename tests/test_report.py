@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import subprocess
@@ -80,3 +81,20 @@ def test_compare_runs_on_a_folder_without_runs(tmp_path):
 def test_seed_interval_uses_students_t():
     mean, ci = mean_ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / 3 ** 0.5, rel=1e-4)
+
+
+def test_an_unfinished_run_is_listed_without_metrics(tmp_path):
+    from metalstm.report import write_report
+
+    for name, lr, results in (("a", 0.1, {"metrics": {"test/acc": 50.0, "test/acc_ci95": 2.0}, "steps": 10}),
+                              ("b", 0.2, None)):
+        run = tmp_path / "sweep" / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"seed: 1\nmeta_learner:\n  inner_lr: {lr}\n")
+        if results:
+            (run / "results.json").write_text(json.dumps(results))
+    written = write_report([tmp_path / "sweep"], tmp_path / "out")
+    table = rows(tmp_path / "out" / "runs.csv")
+    assert [(r["run"], r["status"], r["meta_learner.inner_lr"], r["test/acc"]) for r in table] == [
+        ("sweep/a", "done", "0.1", "50 ± 2"), ("sweep/b", "unfinished", "0.2", "")]
+    assert "seeds" not in written and "final" in written
