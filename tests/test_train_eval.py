@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import fixture_overrides, run_script
 from metalstm.runner import load_checkpoint
