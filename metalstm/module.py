@@ -27,6 +27,14 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant | cosine (from meta_lr to min_lr over trainer.max_steps)
     min_lr: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.meta_lr <= 0:
+            raise ConfigError(f"optim.meta_lr={self.meta_lr} must be positive: it is the outer step size (e.g. 0.001).")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"optim.lr_schedule={self.lr_schedule!r}; choose one of {list(SCHEDULES)}.")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping).")
+
 
 class TrainingDiverged(MetalstmError):
     pass
@@ -43,12 +51,6 @@ class MetaLearningModule(pl.LightningModule):
     def __init__(self, meta_learner: MetaLearner, objective: Objective, optim: OptimConfig, config: dict | None = None,
                  spec: dict | None = None):
         super().__init__()
-        if optim.meta_lr <= 0:
-            raise ConfigError(f"optim.meta_lr={optim.meta_lr} must be positive.")
-        if optim.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"optim.lr_schedule={optim.lr_schedule!r}; choose one of {list(SCHEDULES)}.")
-        if optim.grad_clip is not None and optim.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip={optim.grad_clip} must be positive (or null for no clipping).")
         self.automatic_optimization = False
         self.meta_learner, self.objective, self.optim = meta_learner, objective, optim
         self.config = config or {}

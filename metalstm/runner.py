@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from metalstm.checkpointing import AtomicCheckpointIO, stop_on_sigint
+from metalstm.checkpointing import AtomicCheckpointIO, LastCheckpoint, stop_on_sigint
 from metalstm.config import choose, from_dict, resume_target
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import CheckpointError, ConfigError, MetalstmError
@@ -64,9 +64,7 @@ def check_config(config: dict) -> None:
             value = getattr(values, f.name)
             if (f.name == "lr" or f.name.endswith("_lr")) and isinstance(value, (int, float)) and value <= 0:
                 raise ConfigError(f"{group}.{f.name}={value} must be positive: it is a step size (e.g. {f.default}).")
-    optim = from_dict(OptimConfig, config.get("optim", {}), "optim")
-    if optim.meta_lr <= 0:
-        raise ConfigError(f"optim.meta_lr={optim.meta_lr} must be positive: it is the outer step size (e.g. 0.001).")
+    from_dict(OptimConfig, config.get("optim", {}), "optim")  # validates itself
 
 
 def build(config: dict) -> tuple[MetaLearningModule, FewShotDataModule]:
@@ -218,8 +216,8 @@ def train(cfg: DictConfig) -> float | None:
         with stop_on_sigint() as interrupts:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
-        last = output_dir / "checkpoints" / "last.ckpt"
-        saved = f"saved {last}" if last.is_file() else "no checkpoint (checkpointing is off)"
+        last = next((c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        saved = f"saved {last}" if last is not None and last.is_file() else "no checkpoint (checkpointing is off)"
         name = "Ctrl-C" if interrupts else "SIGTERM"
         print(f"\nmetalstm: stopped by {name} at step {trainer.global_step}; {saved}. Continue with:\n"
               f"  python train.py resume={output_dir}", file=sys.stderr)
