@@ -12,7 +12,6 @@ Classes may differ in size; every class needs at least shots + query images.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ import torch
 
 from metalstm.data.class_tasks import ClassTasks
 from metalstm.data.episodes import SPLITS
-from metalstm.data.images import IMAGE_SUFFIXES, cached, image_files, read_image, stack_classes
+from metalstm.data.images import (IMAGE_SUFFIXES, cache_folders, cache_name, cached, file_listing, image_files,
+                                  read_image, stack_classes)
 from metalstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,6 @@ def class_folders(root: Path, split_seed: int, fractions: list[float]) -> dict[s
     return {"train": classes[:n_train], "val": classes[n_train : n_train + n_val], "test": classes[n_train + n_val :]}
 
 
-def listing(files: list[Path], root: Path) -> str:
-    """A fingerprint of the source files: relative path, size and modification time of each."""
-    digest = hashlib.sha256()
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def load_class_images(root: Path, folders: list[Path], image_size: int, channels: int, invert: bool,
                       cache_dir: str | None, minimum: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images of each class folder, [classes, max images, C, S, S] uint8, and the per-class counts."""
@@ -99,20 +90,18 @@ def load_class_images(root: Path, folders: list[Path], image_size: int, channels
             )
         files.append(images)
     stamp = {"version": CACHE_VERSION, "image_size": image_size, "channels": channels, "invert": invert,
-             "files": listing([f for group in files for f in group], root)}
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    name = f"image_folder_{key}_{image_size}px_{channels}ch{'_inv' if invert else ''}.pt"
-    cache = [Path(cache_dir).expanduser()] if cache_dir else [Path.home() / ".cache" / "metalstm"]
+             "files": file_listing([f for group in files for f in group], root)}
+    name = cache_name("image_folder", root, f"{image_size}px_{channels}ch{'_inv' if invert else ''}")
 
     def build() -> dict:
         log.info("preprocessing %d images of %d classes in %s (once; cached afterwards)",
                  sum(map(len, files)), len(files), root)
         per_class = [np.stack([read_image(f, image_size, invert, channels) for f in group]) for group in files]
         images, counts = stack_classes(per_class)
-        return {"images": images, "counts": counts if counts is not None else torch.zeros(0, dtype=torch.long)}
+        return {"images": images, "counts": counts}
 
-    data = cached(name, stamp, cache, build)
-    return data["images"], data["counts"] if data["counts"].numel() else None
+    data = cached(name, stamp, cache_folders(cache_dir), build)
+    return data["images"], data["counts"]
 
 
 def build_image_folder(cfg: ImageFolderConfig) -> ClassTasks:

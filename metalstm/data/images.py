@@ -1,6 +1,7 @@
 """Image files -> uint8 tensors, and the preprocessing cache every image data set shares."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -50,6 +51,26 @@ def stack_classes(per_class: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tens
         images[i, : len(array)] = torch.from_numpy(array)
     counts = torch.tensor([len(a) for a in per_class])
     return images, None if bool((counts == longest).all()) else counts
+
+
+def file_listing(files: list[Path], root: Path) -> str:
+    """A fingerprint of source files for a cache stamp: relative path, size and modification time of each."""
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_folders(cache_dir: str | None, *beside: Path) -> list[Path]:
+    """Where a preprocessing cache is looked for, then written: ``cache_dir`` when set, else the ``beside``
+    folders (e.g. the data's own), then ``~/.cache/metalstm``."""
+    return [Path(cache_dir).expanduser()] if cache_dir else [*beside, Path.home() / ".cache" / "metalstm"]
+
+
+def cache_name(kind: str, root: Path, settings: str) -> str:
+    """A cache file name unique to a data folder (by its absolute path) and the preprocessing settings."""
+    return f"{kind}_{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}_{settings}.pt"
 
 
 def writable(folder: Path) -> bool:

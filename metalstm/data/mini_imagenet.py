@@ -13,7 +13,6 @@ that asks for any other object is refused, so a crafted pickle cannot run code. 
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from PIL import Image
 from metalstm.data.class_tasks import ClassTasks
 from metalstm.data.episodes import SPLITS
 from metalstm.data.image_folder import check_preprocessing
-from metalstm.data.images import cached, prepare_image, read_image, stack_classes
+from metalstm.data.images import cache_folders, cache_name, cached, file_listing, prepare_image, read_image, stack_classes
 from metalstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -87,14 +86,6 @@ def read_split_csv(path: Path) -> dict[str, list[str]]:
     return classes
 
 
-def fingerprint(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def load(root: Path, size: int, cache_dir: str | None) -> dict:
     """{"images": uint8 [100, 600, 3, S, S], "counts", "labels": {split: [label]}} from either form."""
     csvs = [root / f"{s}.csv" for s in SPLITS]
@@ -109,9 +100,9 @@ def load(root: Path, size: int, cache_dir: str | None) -> dict:
             f"(Ravi & Larochelle's split), or mini-imagenet-cache-train.pkl, -val.pkl and -test.pkl. Point data.root "
             f"at the folder that holds one of them."
         )
-    stamp = {"version": CACHE_VERSION, "image_size": size, "form": form, "sources": fingerprint(sources)}
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    cache = [Path(cache_dir).expanduser()] if cache_dir else [Path.home() / ".cache" / "metalstm"]
+    images_dir = root / "images"  # the CSV form's images count too: a replaced image makes the cache stale
+    listed = sources + (sorted(p for p in images_dir.iterdir() if p.is_file()) if form == "csv" and images_dir.is_dir() else [])
+    stamp = {"version": CACHE_VERSION, "image_size": size, "form": form, "sources": file_listing(listed, root)}
 
     def build() -> dict:
         labels: dict[str, list[str]] = {}
@@ -133,10 +124,9 @@ def load(root: Path, size: int, cache_dir: str | None) -> dict:
                     per_class.append(np.stack(resized))
             labels[split] = list(classes)
         images, counts = stack_classes(per_class)
-        return {"images": images, "counts": counts if counts is not None else torch.zeros(0, dtype=torch.long),
-                "labels": labels}
+        return {"images": images, "counts": counts, "labels": labels}
 
-    return cached(f"mini_imagenet_{key}_{form}_{size}px.pt", stamp, cache, build)
+    return cached(cache_name("mini_imagenet", root, f"{form}_{size}px"), stamp, cache_folders(cache_dir), build)
 
 
 def build_mini_imagenet(cfg: MiniImageNetConfig) -> ClassTasks:
@@ -150,7 +140,7 @@ def build_mini_imagenet(cfg: MiniImageNetConfig) -> ClassTasks:
     split_classes = {s: torch.arange(start, start + n) for s, start, n in zip(SPLITS, starts, sizes)}
     return ClassTasks(
         data["images"], split_classes, ways=cfg.ways, shots=cfg.shots, query=cfg.query, eval_query=cfg.eval_query,
-        train_shots=cfg.train_shots, counts=data["counts"] if data["counts"].numel() else None,
+        train_shots=cfg.train_shots, counts=data["counts"],
         info={"dataset": "mini_imagenet", "root": str(cfg.root), "image_size": cfg.image_size,
               "classes_per_split": dict(zip(SPLITS, sizes))},
     )

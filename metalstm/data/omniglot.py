@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from metalstm.data.class_tasks import ClassTasks
-from metalstm.data.images import cached, prepare_image
+from metalstm.data.images import cache_folders, cached, prepare_image
 from metalstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,7 @@ def load_omniglot(
         "invert": invert,
         "sources": {name: fingerprint(path) for name, path in sorted(sources.items())},
     }
-    folders = [Path(cache_dir).expanduser()] if cache_dir else [root, Path.home() / ".cache" / "metalstm"]
-    data = cached(f"omniglot_{image_size}px{'_inv' if invert else ''}.pt", stamp, folders,
+    data = cached(f"omniglot_{image_size}px{'_inv' if invert else ''}.pt", stamp, cache_folders(cache_dir, root),
                   lambda: preprocess(sources, image_size, invert))
     return data["images"], list(data["characters"])
 
