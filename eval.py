@@ -2,7 +2,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from metalstm.runner import evaluate, run_cli
+from metalstm.cli import run_cli
+from metalstm.jobs import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

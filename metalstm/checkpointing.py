@@ -1,10 +1,10 @@
-"""Checkpoints that survive a kill: atomic writes, loads without unpickling code, a periodic last.ckpt."""
+"""Checkpoints that survive a kill (atomic writes, a periodic last.ckpt), and reading them back without
+unpickling code."""
 from __future__ import annotations
 
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +16,12 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from metalstm.errors import ConfigError
+from metalstm.errors import CheckpointError, ConfigError
+from metalstm.files import atomic_write
+
+# 2: the LSTM optimizer's update-rule weights live under meta_learner.update.* (were meta_learner.*)
+CHECKPOINT_FORMAT = 2
+RULE_WEIGHTS = ("input_lstm.", "w_input", "w_forget", "b_input", "b_forget", "lstm1.", "lstm2.", "out.")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,18 +32,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path, "wb", fsync=True) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -110,3 +105,61 @@ def stop_on_sigint() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------------------------------------ reading them
+
+
+def find_checkpoint(run_dir: str | None, ckpt_path: str | None) -> Path:
+    """The checkpoint ``ckpt_path`` names, or the best (else last) one of the run folder ``run_dir``."""
+    if ckpt_path:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist. Pass a .ckpt file of a metalstm run, or run_dir=<run folder>.")
+        return path
+    if not run_dir:
+        raise ConfigError("eval.py needs run_dir=<a train run folder, e.g. outputs/2026-01-01/12-00-00> or ckpt_path=<file.ckpt>.")
+    folder = Path(run_dir).expanduser()
+    for name in ("best.ckpt", "last.ckpt"):
+        if (folder / "checkpoints" / name).is_file():
+            return folder / "checkpoints" / name
+    raise CheckpointError(
+        f"No checkpoint in {folder / 'checkpoints'} (looked for best.ckpt and last.ckpt). Is run_dir the folder of a "
+        f"finished or interrupted train run (it holds .hydra/ and checkpoints/)?"
+    )
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A metalstm checkpoint, loaded without unpickling code (weights_only), its weights in today's names."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}).") from e
+    meta = checkpoint.get("metalstm") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"{path} is not a metalstm checkpoint (it has no 'metalstm' section with the run's config).")
+    if meta.get("format", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} was written by a newer metalstm (checkpoint format {meta['format']}, this one reads up to "
+            f"{CHECKPOINT_FORMAT}); upgrade metalstm to evaluate it."
+        )
+    if upgrades_rule_weights(checkpoint):
+        checkpoint["state_dict"] = {
+            (f"meta_learner.update.{k[len('meta_learner.'):]}"
+             if k.startswith("meta_learner.") and k[len("meta_learner."):].startswith(RULE_WEIGHTS) else k): v
+            for k, v in checkpoint["state_dict"].items()}
+    return checkpoint
+
+
+def upgrades_rule_weights(checkpoint: dict) -> bool:
+    """A format-1 LSTM-optimizer checkpoint: its update-rule weights are renamed when loaded (and its optimizer
+    state, ordered by the old names, cannot continue a run)."""
+    meta = checkpoint["metalstm"]
+    return meta.get("format", 1) < 2 and (meta["config"].get("meta_learner") or {}).get("name") == "lstm_optimizer"
+
+
+def restore_weights(module: torch.nn.Module, checkpoint: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the model its config describes ({str(e).splitlines()[0]}).") from e

@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.assembly import build_module, parse
+from metalstm.checkpointing import find_checkpoint, load_checkpoint, restore_weights
+from metalstm.core import EpisodeBatch
 from metalstm.data.images import IMAGE_SUFFIXES, image_files, prepare_image
 from metalstm.errors import CheckpointError, DataError
 from metalstm.module import MetaLearningModule
-from metalstm.runner import build, build_module, find_checkpoint, load_checkpoint, restore_weights
 
 
 class AdaptedTask:
@@ -116,7 +117,8 @@ def load_learner(path: str | Path, device: str | None = None) -> Learner:
     checkpoint_path = find_checkpoint(str(path), None) if path.is_dir() else find_checkpoint(None, str(path))
     checkpoint = load_checkpoint(checkpoint_path)
     config, spec = checkpoint["metalstm"]["config"], checkpoint["metalstm"].get("spec")
-    module = build_module(config, spec) if spec else build(config)[0]  # older checkpoints: the spec from the data
+    settings = parse(config)
+    module = build_module(settings, spec or settings.spec, config)
     restore_weights(module, checkpoint, checkpoint_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Learner(module.to(device), module.spec, config)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from metalstm.files import atomic_write
 
 
 class ResumingWriter(ExperimentWriter):
@@ -26,12 +27,10 @@ class ResumingWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as f:
             reader = csv.DictReader(f)
             keys, rows = list(reader.fieldnames or []), [r for r in reader if int(r["step"]) < self.resume_step]
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".csv", dir=self.log_dir)
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_write(self.metrics_file_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
         self.metrics_keys = keys
 
 

@@ -3,37 +3,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.config_store import ConfigStore
 from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.checkpointing import CHECKPOINT_FORMAT
+from metalstm.config import Config, choice, defaults_of, positive, setting
+from metalstm.core import EpisodeBatch
 from metalstm.errors import ConfigError, MetalstmError
 from metalstm.meta.base import MetaLearner
-from metalstm.objectives import Objective, mean_ci95
-
-CHECKPOINT_FORMAT = 1
-
+from metalstm.objectives import Objective, normal_ci95
 
 SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
-class OptimConfig:
-    meta_lr: float = 1e-3  # Adam step size of the outer loop
-    grad_clip: float | None = None  # max L2 norm of the meta-gradient (clipped inside the step)
-    lr_schedule: str = "constant"  # constant | cosine (from meta_lr to min_lr over trainer.max_steps)
-    min_lr: float = 0.0
+class OptimConfig(Config):
+    """The outer loop's optimizer (the ``optim`` group)."""
 
-    def __post_init__(self) -> None:
-        if self.meta_lr <= 0:
-            raise ConfigError(f"optim.meta_lr={self.meta_lr} must be positive: it is the outer step size (e.g. 0.001).")
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"optim.lr_schedule={self.lr_schedule!r}; choose one of {list(SCHEDULES)}.")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping).")
+    group: ClassVar[str] = "optim"
+    meta_lr: float = positive(1e-3)  # Adam step size of the outer loop
+    grad_clip: float | None = positive(None)  # max L2 norm of the meta-gradient (clipped inside the step); null: none
+    lr_schedule: str = choice("constant", SCHEDULES)  # constant | cosine (from meta_lr to min_lr over trainer.max_steps)
+    min_lr: float = setting(0.0, minimum=0)
+
+
+ConfigStore.instance().store(group="optim", name="default", node=defaults_of(OptimConfig))
 
 
 class TrainingDiverged(MetalstmError):
@@ -144,7 +143,7 @@ class MetaLearningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         summary: dict[str, float] = {}
         for name, values in self._gathered().items():
-            mean, ci95 = mean_ci95(values)
+            mean, ci95 = normal_ci95(values)
             summary[f"test/{name}"], summary[f"test/{name}_ci95"] = mean, ci95
             summary["test/num_tasks"] = values.numel()
         for key, value in summary.items():

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch.nn.functional as F
 from torch import Tensor
 
-PAD = 0  # padding token of token sequences (see TaskSpec)
+from metalstm.core import PAD
 
 
 class Objective(Protocol):
@@ -94,8 +94,9 @@ def get_objective(task_type: str) -> Objective:
         raise ValueError(f"unknown task_type {task_type!r}; known: {sorted(OBJECTIVES)}") from None
 
 
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% confidence interval over tasks."""
+def normal_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean over tasks and the half-width of its normal-approximation 95% confidence interval (1.96 standard
+    errors; hundreds of tasks). Seed aggregates use Student's t instead (``report.student_t_ci95``)."""
     values = values.double()
     n = values.numel()
     std = values.std(unbiased=True).item() if n > 1 else 0.0

@@ -110,7 +110,7 @@ def test_metrics(runs: list[Run]) -> list[str]:
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
-def mean_ci95(values: list[float]) -> tuple[float, float]:
+def student_t_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval (Student's t over the values)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -165,7 +165,7 @@ def build_report(runs: list[Run]) -> Report:
             row = {**dict(zip(group_keys, values)), "seeds": ", ".join(fmt(r.config.get("seed")) for r in done)}
             for metric in metrics:
                 scores = [r.metric(metric)[0] for r in done if r.metric(metric)]
-                row[metric] = fmt_ci(mean_ci95(scores)) if scores else ""
+                row[metric] = fmt_ci(student_t_ci95(scores)) if scores else ""
             seed_rows.append(row)
     return Report(runs, keys, metrics, run_rows, seed_rows)
 

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metalstm.data.episodes import EpisodeBatch  # noqa: E402
+from metalstm.core import EpisodeBatch  # noqa: E402
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
-from metalstm.learners import build_base_learner  # noqa: E402
-from metalstm.meta import build_meta_learner  # noqa: E402
+from metalstm.learners import BASE_LEARNERS, build_base_learner  # noqa: E402
+from metalstm.meta import META_LEARNERS, build_meta_learner  # noqa: E402
 from metalstm.objectives import get_objective  # noqa: E402
 
 MAML = {"name": "maml", "inner_lr": 0.4, "inner_steps": 5}
@@ -60,7 +60,8 @@ def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, E
                              labels.repeat_interleave(w["query"]).expand(w["meta_batch"], -1).contiguous())
         shape = f"ways={w['ways']} shots={w['shots']} query={w['query']}"
     objective = get_objective(spec["task_type"])
-    meta = build_meta_learner({**MAML, "vectorize": vectorize}, build_base_learner(dict(w["learner"]), spec), objective.loss, spec)
+    learner = build_base_learner(BASE_LEARNERS.parse(w["learner"]), spec)
+    meta = build_meta_learner(META_LEARNERS.parse({**MAML, "vectorize": vectorize}), learner, objective.loss, spec)
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
     mode = meta.vectorize_mode(batch.support_x)
     return meta, batch, f"{shape} meta_batch={w['meta_batch']} steps={MAML['inner_steps']} vectorize={mode}"

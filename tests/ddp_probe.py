@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metalstm.runner import build  # noqa: E402
+from metalstm.assembly import build  # noqa: E402
 
 CONFIG = {
     "seed": 3,

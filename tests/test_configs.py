@@ -7,18 +7,30 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, fixture_overrides
+from metalstm.data import DATASETS
 from metalstm.errors import ConfigError
-from metalstm.runner import build, check_accelerator, make_callbacks, make_loggers
+from metalstm.learners import BASE_LEARNERS
+from metalstm.meta import META_LEARNERS
+from metalstm.assembly import build, check_accelerator, make_callbacks, make_loggers
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
 def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    """Every option Hydra offers for ``group``: YAML files and the choices generated from the registries."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+
+def test_group_choices_include_the_registries():
+    assert set(group_choices("meta_learner")) == set(META_LEARNERS) | {"fomaml", "meta_sgd", "anil"}
+    assert set(group_choices("base_learner")) == set(BASE_LEARNERS)
+    assert set(group_choices("data")) == set(DATASETS)
 
 
 def compose_train(overrides: list[str], tmp_path: Path):
@@ -162,7 +174,7 @@ def test_sequence_experiments_take_every_meta_learner_that_applies(experiment, m
 
 
 def test_matmul_precision_switch(tmp_path):
-    from metalstm.runner import set_matmul_precision
+    from metalstm.assembly import set_matmul_precision
 
     assert compose_train([], tmp_path).matmul_precision == "highest"  # exact fp32 unless asked
     try:

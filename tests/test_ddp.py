@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, fixture_overrides, run_script
 from metalstm.data.episodes import EpisodeBatch
-from metalstm.runner import build
+from metalstm.assembly import build
 
 
 def test_two_process_ddp_gives_the_single_process_meta_gradient(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import run_script
 from metalstm import load_learner
 from metalstm.errors import DataError
-from metalstm.runner import build
+from metalstm.assembly import build
 from test_meta_learners import METHODS, tiny_config
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import central_differences
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.core import EpisodeBatch
 from metalstm.learners.mlp import MLP, MLPConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 from metalstm.objectives import Regression
@@ -153,7 +153,7 @@ def test_first_order_until_switches_to_second_order():
 def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, EpisodeBatch]:
     """A tiny task of each base learner's kind: 3 tasks, 3 inner steps."""
     from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
-    from metalstm.learners import build_base_learner
+    from metalstm.learners import BASE_LEARNERS, build_base_learner
     from metalstm.objectives import get_objective
 
     g = torch.Generator().manual_seed(1)
@@ -170,7 +170,7 @@ def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, Episo
         y = torch.arange(3).repeat(3).expand(3, -1)
         batch = EpisodeBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
     torch.manual_seed(0)
-    learner = build_base_learner(cfg, spec)
+    learner = build_base_learner(BASE_LEARNERS.parse(cfg), spec)
     maml = MAML(learner, get_objective(spec["task_type"]).loss, spec,
                 MAMLConfig(inner_lr=0.3, inner_steps=3, test_inner_steps=4, vectorize=vectorize, **options))
     return maml, batch

@@ -4,36 +4,70 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from dataclasses import fields
+
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, fixture_overrides
 from metalstm.data import DATASETS
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.core import EpisodeBatch
 from metalstm.data.class_tasks import ClassTasks
 from metalstm.errors import ConfigError
+from metalstm.config import default_of, rule_of
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
-from metalstm.meta import META_LEARNERS
+from metalstm.meta import META_LEARNERS, refusal
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
 from metalstm.objectives import Classification
-from metalstm.runner import build
+from metalstm.assembly import build
 
-# every registered meta-learner, its variants spelled out
-VARIANTS = {"lstm_optimizer": ["variant=ravi", "variant=andrychowicz"],
-            "memory_lstm": ["attention=false", "attention=true", "labels=current"]}
-METHODS = [(m, v) for m in sorted(META_LEARNERS) for v in VARIANTS.get(m, [None])]
-# the base learner x data set pairs that make sense; every other pair must be refused at config time
-TRAINABLE = {("conv4", "omniglot"), ("mlp", "omniglot"), ("mlp", "sinusoid"), ("lstm_encoder", "omniglot_strokes"),
-             ("mlp", "omniglot_strokes"),
-             ("lstm_seq2seq", "seq_tasks"), ("lstm_seq2seq", "sinusoid_seq")}
-# meta-learners that cannot learn a data set's kind of task: ProtoNet classifies, memory_lstm needs one label per example
-META_REFUSED = {("protonet", d) for d in ("sinusoid", "sinusoid_seq", "seq_tasks")} | {
-    ("memory_lstm", d) for d in ("sinusoid_seq", "seq_tasks")}
+def group_options(group: str) -> list[str]:
+    """Every choice Hydra offers for ``group``: the registries' entries and the YAML variants (fomaml, anil, ...)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+
+def setting_variants() -> list[tuple[str, str]]:
+    """(meta-learner, override) for every other value of every choice or switch in a meta-learner's schema."""
+    variants = []
+    for name, (config_class, _) in sorted(META_LEARNERS.items()):
+        for f in fields(config_class):
+            default, options = default_of(f), rule_of(f).choices
+            if options is None and isinstance(default, bool):
+                options = (True, False)
+            for value in options or ():
+                if value != default:
+                    variants.append((name, f"{f.name}={str(value).lower() if isinstance(value, bool) else value}"))
+    return variants
+
+
+# every meta_learner option, then every other setting of their choices and switches
+METHODS = [(m, None) for m in group_options("meta_learner")] + setting_variants()
+CROSS_DATA = sorted(set(DATASETS) - {"image_folder", "mini_imagenet"})  # those two: tests/test_image_data.py
+
+
+def default_spec(data: str) -> dict:
+    """The task spec of a data set's default config (a required root filled in), as the config states it."""
+    config_class = DATASETS[data].config
+    return config_class(**({"root": "unused"} if "root" in {f.name for f in fields(config_class)} else {})).spec()
+
+
+def refused(meta: str, base: str, data: str) -> bool:
+    """What the registry says: the base learner cannot read these tasks, or the meta-learner cannot learn them."""
+    spec, meta_name = default_spec(data), compose_meta_name(meta)
+    base_config, base_class = BASE_LEARNERS[base]
+    return base_class.refusal(base_config(), spec) is not None or refusal(META_LEARNERS[meta_name].impl, meta_name, spec) is not None
+
+
+def compose_meta_name(option: str) -> str:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"meta_learner={option}"]).meta_learner.name
 
 
 def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cache, tmp_path) -> dict:
@@ -51,22 +85,32 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
         return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
 
 
-def test_registries_are_what_the_combination_test_covers():
-    assert set(META_LEARNERS) == {"maml", "reptile", "lstm_optimizer", "memory_lstm", "protonet", "pretrain_finetune"}
-    assert set(BASE_LEARNERS) == {"conv4", "mlp", "lstm_encoder", "lstm_seq2seq"}
-    assert set(DATASETS) == {"omniglot", "sinusoid", "omniglot_strokes", "seq_tasks", "sinusoid_seq", *SAME_AS_OMNIGLOT}
+def test_the_refusal_table_from_the_registry_knows_the_basic_facts():
+    assert not refused("maml", "conv4", "omniglot") and not refused("maml", "mlp", "sinusoid")
+    assert refused("maml", "conv4", "sinusoid") and refused("maml", "mlp", "seq_tasks")  # no CNN on points, no MLP on tokens
+    assert refused("protonet", "mlp", "sinusoid") and refused("memory_lstm", "lstm_seq2seq", "seq_tasks")
+    assert not refused("protonet", "lstm_encoder", "omniglot_strokes") and not refused("maml", "lstm_seq2seq", "seq_tasks")
+    assert {"fomaml", "meta_sgd", "anil", *META_LEARNERS} <= {m for m, _ in METHODS}
+    assert ("lstm_optimizer", "variant=andrychowicz") in METHODS and ("memory_lstm", "labels=current") in METHODS
 
 
-# image data sets served by the same ClassTasks as Omniglot (episodes of [C, H, W] images): tests/test_image_data.py
-SAME_AS_OMNIGLOT = {"image_folder", "mini_imagenet"}
-
-
-@pytest.mark.parametrize("data", sorted(set(DATASETS) - SAME_AS_OMNIGLOT))
+@pytest.mark.parametrize("data", CROSS_DATA)
 @pytest.mark.parametrize("base", sorted(BASE_LEARNERS))
-@pytest.mark.parametrize("meta, variant", METHODS)
-def test_every_combination_trains_two_steps_or_is_refused(meta, variant, base, data, tmp_path, omniglot_fixture, cache_dir):
+@pytest.mark.parametrize("meta", group_options("meta_learner"))
+def test_every_combination_trains_two_steps_or_is_refused(meta, base, data, tmp_path, omniglot_fixture, cache_dir):
+    trains_two_steps_or_is_refused(meta, None, base, data, tmp_path, omniglot_fixture, cache_dir)
+
+
+@pytest.mark.parametrize("meta, variant", setting_variants())
+def test_every_setting_variant_trains_two_steps(meta, variant, tmp_path, omniglot_fixture, cache_dir):
+    trains_two_steps_or_is_refused(meta, variant, "conv4", "omniglot", tmp_path, omniglot_fixture, cache_dir)
+
+
+def trains_two_steps_or_is_refused(meta, variant, base, data, tmp_path, omniglot_fixture, cache_dir) -> None:
+    """The registry loop's check of one combination: refused with a one-line reason if the registry says it
+    cannot work, else 2 training steps change the meta-parameters and the test tasks are scored."""
     config = tiny_config(meta, variant, base, data, omniglot_fixture, cache_dir, tmp_path)
-    if (base, data) not in TRAINABLE or (meta, data) in META_REFUSED:
+    if refused(meta, base, data):
         with pytest.raises(ConfigError) as refusal:
             build(config)
         assert "\n" not in str(refusal.value) and len(str(refusal.value)) > 20
@@ -95,7 +139,7 @@ def image_tasks(shots: int = 2, sigma: float = 60.0) -> ClassTasks:
 
 def test_ravi_lstm_starts_as_plain_sgd():
     spec = {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": 5}
-    learner = build_base_learner({"name": "conv4", "filters": 16}, spec)
+    learner = build_base_learner(BASE_LEARNERS.parse({"name": "conv4", "filters": 16}), spec)
     ravi = LSTMOptimizer(learner, Classification().loss, spec, LSTMOptimizerConfig(variant="ravi"))
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(5, 1, 28, 28, generator=g), torch.arange(5)
@@ -104,7 +148,7 @@ def test_ravi_lstm_starts_as_plain_sgd():
     with torch.no_grad():
         step = ravi.optimize(x[None], y[None], 1)[0] - theta0
     grad = grad[0]
-    sgd_step = -torch.sigmoid(ravi.b_input) * grad  # plain SGD at the learned step size sigma(b_I)
+    sgd_step = -torch.sigmoid(ravi.update.b_input) * grad  # plain SGD at the learned step size sigma(b_I)
     assert torch.nn.functional.cosine_similarity(step, sgd_step, dim=0) > 0.99
     assert (step - sgd_step).norm() / sgd_step.norm() < 0.1
 
@@ -118,7 +162,7 @@ def test_lstm_optimizer_drops_second_derivatives_and_truncates():
                             LSTMOptimizerConfig(variant="andrychowicz", inner_steps=3, truncation=truncation))
         opt.meta_loss(batch).loss.backward()
         init_grad = [p.grad for p in opt.learner.parameters()]
-        assert all(p.grad is not None for p in opt.lstm1.parameters())  # the LSTM itself is meta-learned
+        assert all(p.grad is not None for p in opt.update.lstm1.parameters())  # the LSTM itself is meta-learned
         assert any(g is not None and g.abs().sum() > 0 for g in init_grad) == init_gets_gradient
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_script
-from metalstm.report import mean_ci95
+from metalstm.report import student_t_ci95
 
 
 def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def test_compare_runs_on_a_folder_without_runs(tmp_path):
 
 
 def test_seed_interval_uses_students_t():
-    mean, ci = mean_ci95([1.0, 2.0, 3.0])
+    mean, ci = student_t_ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / 3 ** 0.5, rel=1e-4)
 
 

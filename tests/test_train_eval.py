@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fixture_overrides, run_script
-from metalstm.runner import load_checkpoint
+from metalstm.checkpointing import load_checkpoint
 
 
 def run_dir_of(stdout_dir: Path) -> Path:

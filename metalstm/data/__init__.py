@@ -1,49 +1,34 @@
 """Few-shot task sources and the DataModule that serves their episodes.
 
-Adding a data set: one module with a config dataclass and a builder, one entry in ``DATASETS``,
-one YAML in ``configs/data/``. A data set never imports a model.
+Adding a data set: one module with a config dataclass (extending ``EpisodeConfig``: its settings,
+their defaults and rules, and the ``spec`` of its tasks) and a builder, and one ``DATASETS.register``
+line. A data set never imports a model.
 """
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from metalstm.config import choose, from_dict
-from metalstm.data.episodes import EpisodeBatch, FixedEpisodes, TaskSource, TrainEpisodes
+from metalstm.config import Component, Registry
+from metalstm.data.episodes import EpisodeConfig, FixedEpisodes, TrainEpisodes
 from metalstm.data.image_folder import ImageFolderConfig, build_image_folder
 from metalstm.data.mini_imagenet import MiniImageNetConfig, build_mini_imagenet
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot_strokes
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
+from metalstm.core import TaskSource
 from metalstm.errors import ConfigError
 
-# name -> (config dataclass, builder)
-DATASETS: dict[str, tuple[type, Callable[[Any], TaskSource]]] = {
-    "omniglot": (OmniglotConfig, build_omniglot),
-    "sinusoid": (SinusoidConfig, SinusoidTasks),
-    "sinusoid_seq": (SinusoidSeqConfig, SinusoidSeqTasks),
-    "omniglot_strokes": (OmniglotStrokesConfig, build_omniglot_strokes),
-    "seq_tasks": (SeqTasksConfig, SeqTasks),
-    "image_folder": (ImageFolderConfig, build_image_folder),
-    "mini_imagenet": (MiniImageNetConfig, build_mini_imagenet),
-}
-
-
-@dataclass
-class EpisodeConfig:
-    """How episodes are served; the same for every data set."""
-
-    meta_batch_size: int = 32  # tasks per meta-training step
-    val_tasks: int = 100
-    test_tasks: int = 600
-    eval_batch_size: int = 25  # tasks per validation/test batch
-    episode_seed: int = 0  # fixes the val/test tasks; independent of the training seed
-    on_device: bool = True  # keep image data sets on the training device and gather episodes there
+# name -> (config dataclass, builder: config -> TaskSource)
+DATASETS = Registry("data", "data set")
+DATASETS.register("omniglot", OmniglotConfig, build_omniglot)
+DATASETS.register("sinusoid", SinusoidConfig, SinusoidTasks)
+DATASETS.register("sinusoid_seq", SinusoidSeqConfig, SinusoidSeqTasks)
+DATASETS.register("omniglot_strokes", OmniglotStrokesConfig, build_omniglot_strokes)
+DATASETS.register("seq_tasks", SeqTasksConfig, SeqTasks)
+DATASETS.register("image_folder", ImageFolderConfig, build_image_folder)
+DATASETS.register("mini_imagenet", MiniImageNetConfig, build_mini_imagenet)
 
 
 class FewShotDataModule(pl.LightningDataModule):
@@ -84,16 +69,17 @@ class FewShotDataModule(pl.LightningDataModule):
         return self._fixed("test", self.episodes.test_tasks)
 
 
-def build_datamodule(cfg: dict, seed: int) -> FewShotDataModule:
-    """``cfg`` is the ``data`` config group: ``name``, the episode keys, the data set's own keys."""
-    _, (config_class, build), cfg = choose(DATASETS, cfg, "data", "data set")
-    episode_keys = {f.name for f in fields(EpisodeConfig)}
-    episodes = from_dict(EpisodeConfig, {k: v for k, v in cfg.items() if k in episode_keys}, "data")
-    for key in ("meta_batch_size", "val_tasks", "test_tasks", "eval_batch_size"):
-        if getattr(episodes, key) < 1:
-            raise ConfigError(f"data.{key}={getattr(episodes, key)} must be a positive integer.")
-    source = build(from_dict(config_class, {k: v for k, v in cfg.items() if k not in episode_keys}, "data"))
-    return FewShotDataModule(source, episodes, seed)
+def build_datamodule(data: Component, seed: int) -> FewShotDataModule:
+    """Read the data set that ``data`` (the parsed ``data`` group) describes; its tasks match ``data.config.spec()``."""
+    source = data.impl(data.config)
+    expected, found = normal(data.config.spec()), normal(source.spec)
+    if expected != found:  # a data set whose config and source disagree is a bug in that data set
+        raise RuntimeError(f"data={data.name}: the config's spec {expected} differs from the source's {found}")
+    return FewShotDataModule(source, data.config, seed)
 
 
-__all__ = ["DATASETS", "EpisodeBatch", "EpisodeConfig", "FewShotDataModule", "build_datamodule"]
+def normal(spec: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in spec.items()}
+
+
+__all__ = ["DATASETS", "EpisodeConfig", "FewShotDataModule", "build_datamodule"]

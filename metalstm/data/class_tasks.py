@@ -2,12 +2,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from metalstm.data.episodes import SPLITS, EpisodeBatch
+from metalstm.config import count
+from metalstm.core import TaskSpec
+from metalstm.data.episodes import SPLITS, EpisodeBatch, EpisodeConfig
 from metalstm.errors import ConfigError
+
+
+@dataclass
+class ClassEpisodeConfig(EpisodeConfig):
+    """N-way K-shot classification episodes; the data set's config adds where its examples come from."""
+
+    ways: int = count(5)
+    shots: int = count(1)
+    train_shots: int | None = count(None)  # support shots in meta-training (Reptile uses more); null: = shots
+    query: int = count(15)  # per class, meta-training
+    eval_query: int = count(15)  # per class, validation and test
+
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one example, e.g. (channels, size, size)."""
+        raise NotImplementedError
+
+    def spec(self) -> TaskSpec:
+        return {"task_type": "classification", "input_shape": self.example_shape(), "output_dim": self.ways}
 
 
 class ClassTasks:
@@ -49,21 +70,14 @@ class ClassTasks:
         self._check()
 
     def _check(self) -> None:
-        unknown = set(self.rotate_splits) - set(SPLITS)
         if self.rotate_splits and self.images.dtype != torch.uint8:
-            raise ConfigError("data.rotate_splits rotates images, but this data set's examples are not images; set it to [].")
-        if unknown:
-            raise ConfigError(f"data.rotate_splits has unknown split(s) {sorted(unknown)}; use any of {list(SPLITS)}.")
+            raise ValueError("rotate_splits rotates images, but these examples are not images")
         seen: set[int] = set()
         for split in SPLITS:
             ids = set(self.split_classes[split].tolist())
             if ids & seen:
                 raise ValueError(f"split {split!r} shares classes with an earlier split")
             seen |= ids
-        for key, value in (("ways", self.ways), ("shots", self.shots), ("train_shots", self.train_shots),
-                           ("query", self.query), ("eval_query", self.eval_query)):
-            if value < 1:
-                raise ConfigError(f"data.{key}={value} must be a positive integer.")
         per_class = self.images.shape[1] if self.counts is None else int(self.counts.min())
         for split in SPLITS:
             available = self.num_classes(split)
@@ -82,7 +96,7 @@ class ClassTasks:
                 )
 
     @property
-    def spec(self) -> dict:
+    def spec(self) -> TaskSpec:
         return {"task_type": self.task_type, "input_shape": tuple(self.images.shape[2:]), "output_dim": self.ways}
 
     def to(self, device: torch.device | str) -> ClassTasks:

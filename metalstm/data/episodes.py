@@ -11,39 +11,34 @@ Validation and test tasks are fixed: task ``i`` of a split is drawn from a gener
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-SPLITS = ("train", "val", "test")
+from metalstm.config import Config, count
+from metalstm.core import SPLITS, EpisodeBatch, TaskSource, TaskSpec
+
+__all__ = ["SPLITS", "EpisodeBatch", "EpisodeConfig", "FixedEpisodes", "TaskSource", "TrainEpisodes", "task_seed"]
 
 
-class EpisodeBatch(NamedTuple):
-    """A meta-batch of B tasks; see the module docstring for shapes."""
+@dataclass
+class EpisodeConfig(Config):
+    """How episodes are served. Every data set's config extends it, with its own meta-batch and
+    evaluation-batch sizes, and says what its tasks look like (``spec``) without reading any data."""
 
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
+    group: ClassVar[str] = "data"
+    meta_batch_size: int = count()  # tasks per meta-training step
+    eval_batch_size: int = count()  # tasks per validation/test batch
+    val_tasks: int = count(100)
+    test_tasks: int = count(600)
+    episode_seed: int = count(0, minimum=0)  # fixes the val/test tasks; independent of the training seed
+    on_device: bool = True  # keep image data sets on the training device and gather episodes there
 
-    @property
-    def num_tasks(self) -> int:
-        return self.support_x.shape[0]
-
-
-class TaskSource(Protocol):
-    """A task distribution with train/val/test splits."""
-
-    task_type: str  # "classification", "regression", "seq2seq" or "forecast"
-    spec: dict  # TaskSpec: task_type, input_shape of one example, output_dim (vocab, output_length)
-
-    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
-        """Draw ``num_tasks`` tasks of ``split`` as one stacked batch."""
-
-    def describe(self) -> dict:
-        """Plain-data summary of the source (sizes, split, preprocessing) for results files."""
+    def spec(self) -> TaskSpec:
+        """The TaskSpec of the tasks this config describes (the source built from it has the same)."""
+        raise NotImplementedError
 
 
 def task_seed(seed: int, split: str, index: int) -> int:

@@ -14,44 +14,44 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metalstm.data.class_tasks import ClassTasks
+from metalstm.config import choice, count, setting
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
 from metalstm.data.episodes import SPLITS
 from metalstm.data.images import (IMAGE_SUFFIXES, cache_folders, cache_name, cached, file_listing, image_files,
                                   read_image, stack_classes)
-from metalstm.errors import ConfigError, DataError
+from metalstm.errors import DataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
 @dataclass
-class ImageFolderConfig:
+class ImageFolderConfig(ClassEpisodeConfig):
     root: str | None = None  # required: the folder of class sub-folders
-    image_size: int = 84
-    channels: int = 3  # 1: grayscale, 3: RGB
+    image_size: int = count(84, minimum=4)
+    channels: int = choice(3, (1, 3))  # 1: grayscale, 3: RGB
     invert: bool = False
-    class_split: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.20])  # train/val/test share of classes
-    split_seed: int = 0
-    cache_dir: str | None = None  # None: ~/.cache/metalstm
-    rotate_splits: list[str] = field(default_factory=list)
-    ways: int = 5
-    shots: int = 1
-    train_shots: int | None = None
-    query: int = 15
-    eval_query: int = 15
+    class_split: list[float] = setting(factory=lambda: [0.64, 0.16, 0.20], minimum=0, exclusive=True)  # train/val/test shares of the classes (ignored with train|val|test folders)
+    split_seed: int = count(0, minimum=0)
+    cache_dir: str | None = None  # null: ~/.cache/metalstm
+    rotate_splits: list[str] = setting(factory=list, choices=SPLITS)
+    meta_batch_size: int = count(4)
+    eval_batch_size: int = count(20)
 
+    def check(self) -> None:
+        if not self.root:
+            self.refuse("data=image_folder needs data.root=<a folder with one sub-folder of images per class>.")
+        if len(self.class_split) != 3:
+            self.refuse(f"data.class_split={list(self.class_split)} must be three positive shares (train, val, test).")
 
-def check_preprocessing(image_size: int, channels: int) -> None:
-    if channels not in (1, 3):
-        raise ConfigError(f"data.channels={channels}; use 1 (grayscale) or 3 (RGB).")
-    if image_size < 4:
-        raise ConfigError(f"data.image_size={image_size} is too small; use e.g. 84 (mini-ImageNet) or 28 (Omniglot).")
+    def example_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.image_size, self.image_size)
 
 
 def class_folders(root: Path, split_seed: int, fractions: list[float]) -> dict[str, list[Path]]:
@@ -59,8 +59,6 @@ def class_folders(root: Path, split_seed: int, fractions: list[float]) -> dict[s
     if all((root / s).is_dir() for s in SPLITS):
         return {s: sorted(p for p in (root / s).iterdir() if p.is_dir()) for s in SPLITS}
     classes = sorted(p for p in root.iterdir() if p.is_dir())
-    if len(fractions) != 3 or any(f <= 0 for f in fractions):
-        raise ConfigError(f"data.class_split={list(fractions)} must be three positive shares (train, val, test).")
     if len(classes) < 3:
         raise DataError(
             f"{root} has {len(classes)} class sub-folder(s); few-shot episodes need classes for train, val and test. "
@@ -105,13 +103,10 @@ def load_class_images(root: Path, folders: list[Path], image_size: int, channels
 
 
 def build_image_folder(cfg: ImageFolderConfig) -> ClassTasks:
-    if not cfg.root:
-        raise ConfigError("data=image_folder needs data.root=<a folder with one sub-folder of images per class>.")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root={cfg.root} is not a folder ({root.resolve()}). Point it at a folder with one "
                         f"sub-folder of images per class.")
-    check_preprocessing(cfg.image_size, cfg.channels)
     splits = class_folders(root, cfg.split_seed, list(cfg.class_split))
     ordered = [folder for s in SPLITS for folder in splits[s]]
     train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from metalstm.errors import DataError
+from metalstm.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,8 @@ def cached(name: str, stamp: dict, folders: list[Path], build: Callable[[], dict
             folder.mkdir(parents=True, exist_ok=True)
             if not writable(folder):
                 continue
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            torch.save({"stamp": stamp, "data": data}, tmp)
-            os.replace(tmp, folder / name)
+            with atomic_write(folder / name, "wb") as f:
+                torch.save({"stamp": stamp, "data": data}, f)
             log.info("preprocessed data cached at %s", folder / name)
             break
         except OSError:

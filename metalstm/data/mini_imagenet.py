@@ -22,26 +22,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalstm.data.class_tasks import ClassTasks
+from metalstm.config import count
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
 from metalstm.data.episodes import SPLITS
-from metalstm.data.image_folder import check_preprocessing
 from metalstm.data.images import cache_folders, cache_name, cached, file_listing, prepare_image, read_image, stack_classes
-from metalstm.errors import ConfigError, DataError
+from metalstm.errors import DataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
 @dataclass
-class MiniImageNetConfig:
+class MiniImageNetConfig(ClassEpisodeConfig):
     root: str | None = None  # required: the folder with the split CSVs + images/, or the three pickles
-    image_size: int = 84
-    cache_dir: str | None = None  # None: ~/.cache/metalstm
-    ways: int = 5
-    shots: int = 1
-    train_shots: int | None = None
-    query: int = 15
-    eval_query: int = 15
+    image_size: int = count(84, minimum=4)
+    cache_dir: str | None = None  # null: ~/.cache/metalstm
+    meta_batch_size: int = count(4)
+    eval_batch_size: int = count(20)
+
+    def check(self) -> None:
+        if not self.root:
+            self.refuse("data=mini_imagenet needs data.root=<the folder with train.csv, val.csv, test.csv and "
+                        "images/, or the mini-imagenet-cache-*.pkl files>.")
+
+    def example_shape(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
 
 
 class ArrayUnpickler(pickle.Unpickler):
@@ -130,10 +135,6 @@ def load(root: Path, size: int, cache_dir: str | None) -> dict:
 
 
 def build_mini_imagenet(cfg: MiniImageNetConfig) -> ClassTasks:
-    if not cfg.root:
-        raise ConfigError("data=mini_imagenet needs data.root=<the folder with train.csv, val.csv, test.csv and "
-                          "images/, or the mini-imagenet-cache-*.pkl files>.")
-    check_preprocessing(cfg.image_size, 3)
     data = load(Path(cfg.root).expanduser(), cfg.image_size, cfg.cache_dir)
     sizes = [len(data["labels"][s]) for s in SPLITS]
     starts = [0, sizes[0], sizes[0] + sizes[1]]

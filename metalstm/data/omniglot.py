@@ -11,14 +11,12 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -26,9 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalstm.data.class_tasks import ClassTasks
+from metalstm.config import choice, count, setting
+from metalstm.core import SPLITS
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
 from metalstm.data.images import cache_folders, cached, prepare_image
-from metalstm.errors import ConfigError, DataError
+from metalstm.errors import DataError
+from metalstm.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +40,35 @@ SOURCES = {  # name -> md5 of the official zip
 }
 DRAWINGS_PER_CHARACTER = 20
 CACHE_VERSION = 2
-SPLITS = ("vinyals", "random", "lake")
+SPLIT_NAMES = ("vinyals", "random", "lake")
 
 
 @dataclass
-class OmniglotConfig:
-    root: str = "data/omniglot"
+class OmniglotConfig(ClassEpisodeConfig):
+    root: str = "data/omniglot"  # holds the official zips (downloaded there when missing and download=true)
     download: bool = True
-    cache_dir: str | None = None  # None: beside the data, or ~/.cache/metalstm if that is read-only
-    image_size: int = 28
+    cache_dir: str | None = None  # null: beside the data, or ~/.cache/metalstm if that is read-only
+    image_size: int = count(28, minimum=4)
     invert: bool = True  # strokes 1, background 0
-    split: str = "vinyals"  # vinyals | random (1100/100/423 characters) | lake (background -> train/val)
-    split_seed: int = 0  # for the random and lake splits; independent of the training seed
-    rotate_splits: list[str] = field(default_factory=lambda: ["train"])
-    ways: int = 5
-    shots: int = 1
-    train_shots: int | None = None  # support shots in meta-training (Reptile uses more); None: = shots
-    query: int = 15  # per class, meta-training
-    eval_query: int = 15  # per class, validation and test
+    split: str = choice("vinyals", SPLIT_NAMES)  # vinyals | random (1100/100/423 characters) | lake (background -> train/val)
+    split_seed: int = count(0, minimum=0)  # for the random and lake splits; independent of the training seed
+    rotate_splits: list[str] = setting(factory=lambda: ["train"], choices=SPLITS)  # rotations by 90/180/270 as new classes
+    meta_batch_size: int = count(32)
+    eval_batch_size: int = count(50)
+
+    def check(self) -> None:
+        train_shots = self.shots if self.train_shots is None else self.train_shots
+        for key, total in (("data.train_shots + data.query", train_shots + self.query),
+                           ("data.shots + data.eval_query", self.shots + self.eval_query)):
+            if total > DRAWINGS_PER_CHARACTER:
+                self.refuse(f"{key} = {total} drawings per character, but Omniglot has {DRAWINGS_PER_CHARACTER}; "
+                            f"lower them.")
+
+    def example_shape(self) -> tuple[int, ...]:
+        return (1, self.image_size, self.image_size)
 
 
 def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"data.split={cfg.split!r} is not an Omniglot split; choose one of {list(SPLITS)}.")
-    if cfg.image_size < 4:
-        raise ConfigError(f"data.image_size={cfg.image_size} is too small; use e.g. 28 (the standard).")
-    train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots
-    for key, total in (("data.train_shots + data.query", train_shots + cfg.query),
-                       ("data.shots + data.eval_query", cfg.shots + cfg.eval_query)):
-        if total > DRAWINGS_PER_CHARACTER:  # known before reading any file
-            raise ConfigError(f"{key} = {total} drawings per character, but Omniglot has {DRAWINGS_PER_CHARACTER}; "
-                              f"lower them.")
     images, names = load_omniglot(Path(cfg.root).expanduser(), cfg.image_size, cfg.invert, cfg.download, cfg.cache_dir)
     splits = split_characters(names, cfg.split, cfg.split_seed)
     return ClassTasks(
@@ -107,7 +106,7 @@ def find_sources(root: Path, download: bool, sources: dict[str, str] = SOURCES) 
         raise DataError(
             f"Omniglot files not found: looked for {', '.join(f'{m}.zip' for m in missing)} (or the extracted "
             f"folders) in {root.resolve()}. Point data.root at the folder that holds the official files "
-            f"(e.g. data.root=../shared/data/omniglot), or set data.download=true to fetch them from {BASE_URL}."
+            f"(data.root=/path/to/omniglot), or set data.download=true to fetch them from {BASE_URL}."
         )
     return found
 
@@ -125,27 +124,23 @@ def download_zip(name: str, root: Path, sources: dict[str, str] = SOURCES) -> Pa
             f"folder that holds {wanted}, or to a writable folder."
         ) from e
     log.info("downloading %s -> %s", url, target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
     md5 = hashlib.md5()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+        with atomic_write(target, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
             while chunk := response.read(1 << 20):
                 md5.update(chunk)
                 out.write(chunk)
-        if md5.hexdigest() != sources[name]:
-            raise DataError(
-                f"The download of {url} is corrupt (md5 {md5.hexdigest()}, expected {sources[name]}); "
-                f"nothing was saved. Run again, or download it by hand into {root}."
-            )
-        os.replace(tmp_name, target)
+            if md5.hexdigest() != sources[name]:  # raised inside: nothing is renamed into place
+                raise DataError(
+                    f"The download of {url} is corrupt (md5 {md5.hexdigest()}, expected {sources[name]}); "
+                    f"nothing was saved. Run again, or download it by hand into {root}."
+                )
     except OSError as e:  # URLError is an OSError
         raise DataError(
             f"{name}.zip is not in {root.resolve()} and downloading {url} failed ({getattr(e, 'reason', e)}). "
             f"Without network, copy {wanted} into that folder or point data.root at a folder that has them."
         ) from e
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         if created and not any(root.iterdir()):
             root.rmdir()  # leave no empty folder behind a failed download
     return target

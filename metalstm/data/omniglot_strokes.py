@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
-from metalstm.data.class_tasks import ClassTasks
+from metalstm.config import choice, count
+from metalstm.core import TaskSpec
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
 from metalstm.data.episodes import SPLITS, EpisodeBatch
-from metalstm.data.omniglot import find_sources, read_drawings
-from metalstm.errors import ConfigError, DataError
+from metalstm.data.omniglot import DRAWINGS_PER_CHARACTER, find_sources, read_drawings
+from metalstm.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +47,32 @@ TASKS = ("classify", "complete")
 
 
 @dataclass
-class OmniglotStrokesConfig:
-    root: str = "data/omniglot"
+class OmniglotStrokesConfig(ClassEpisodeConfig):
+    root: str = "data/omniglot"  # holds the official stroke zips (downloaded there when missing and download=true)
     download: bool = True
-    task: str = "classify"  # classify | complete
-    points: int = 48  # samples per drawing
-    ways: int = 5  # classify
-    shots: int = 1
-    query: int = 5  # per class (classify) or per task (complete), meta-training
-    eval_query: int = 5
-    split_seed: int = 0
+    task: str = choice("classify", TASKS)  # classify (N-way trajectories) | complete (second halves of drawings)
+    points: int = count(48, minimum=4)  # samples per drawing
+    query: int = count(5)  # per class (classify) or per task (complete), meta-training
+    eval_query: int = count(5)
+    split_seed: int = count(0, minimum=0)
+    meta_batch_size: int = count(16)
+    eval_batch_size: int = count(50)
+
+    def check(self) -> None:
+        shots = self.shots if self.train_shots is None else self.train_shots
+        needed = max(shots + self.query, self.shots + self.eval_query)
+        if needed > DRAWINGS_PER_CHARACTER:
+            self.refuse(f"data.shots + data.query (or eval_query) = {needed} drawings per class or task, but a "
+                        f"character has {DRAWINGS_PER_CHARACTER}; lower them.")
+
+    def example_shape(self) -> tuple[int, ...]:
+        return (self.points, 4)
+
+    def spec(self) -> TaskSpec:
+        if self.task == "classify":
+            return super().spec()
+        half = self.points // 2
+        return {"task_type": "forecast", "input_shape": (half, 4), "output_dim": 2, "output_length": self.points - half}
 
 
 def parse_strokes(text: str, where: str) -> list[list[tuple[float, float, float]]]:
@@ -135,12 +153,9 @@ class StrokeCompletionTasks:
     def __init__(self, drawings: torch.Tensor, splits: dict[str, list[int]], shots: int, query: int,
                  eval_query: int, info: dict):
         per_character = drawings.shape[1]
-        for key, value in (("shots", shots), ("query", query), ("eval_query", eval_query)):
-            if value < 1:
-                raise ConfigError(f"data.{key}={value} must be a positive integer.")
         if shots + max(query, eval_query) > per_character:
-            raise ConfigError(f"data.shots + data.query (or eval_query) = {shots + max(query, eval_query)} drawings "
-                              f"per task, but a character has only {per_character}; lower them.")
+            raise DataError(f"data.shots + data.query (or eval_query) = {shots + max(query, eval_query)} drawings "
+                            f"per task, but a character has only {per_character}; lower them.")
         self.half = drawings.shape[2] // 2
         self.drawings, self.splits, self.info = drawings, {s: torch.tensor(v) for s, v in splits.items()}, info
         self.shots, self.query, self.eval_query = shots, query, eval_query
@@ -166,10 +181,6 @@ class StrokeCompletionTasks:
 
 
 def build_omniglot_strokes(cfg: OmniglotStrokesConfig) -> ClassTasks | StrokeCompletionTasks:
-    if cfg.task not in TASKS:
-        raise ConfigError(f"data.task={cfg.task!r}; choose classify (N-way trajectories) or complete (second halves).")
-    if cfg.points < 4:
-        raise ConfigError(f"data.points={cfg.points} is too few samples per drawing; use e.g. 48.")
     drawings, keys = load_strokes(Path(cfg.root).expanduser(), cfg.download, cfg.points)
     splits = split_characters(len(keys), cfg.split_seed)
     info = {"dataset": "omniglot_strokes", "task": cfg.task, "points": cfg.points, "root": str(cfg.root),
@@ -177,4 +188,4 @@ def build_omniglot_strokes(cfg: OmniglotStrokesConfig) -> ClassTasks | StrokeCom
     if cfg.task == "complete":
         return StrokeCompletionTasks(drawings, splits, cfg.shots, cfg.query, cfg.eval_query, info)
     return ClassTasks(drawings, {s: torch.tensor(v) for s, v in splits.items()}, ways=cfg.ways, shots=cfg.shots,
-                      query=cfg.query, eval_query=cfg.eval_query, info=info)
+                      query=cfg.query, eval_query=cfg.eval_query, train_shots=cfg.train_shots, info=info)

@@ -11,28 +11,40 @@ split, by a hash of the rule itself, so train, validation and test rules are dis
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.config import count, setting
+from metalstm.core import PAD, EpisodeBatch, TaskSpec
+from metalstm.data.episodes import EpisodeConfig
 from metalstm.errors import ConfigError
-
-PAD = 0  # the TaskSpec's padding token
 FAMILIES = ("cipher", "reverse", "rotate", "cipher+reverse", "cipher+rotate")
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
 
 
 @dataclass
-class SeqTasksConfig:
-    alphabet: int = 8  # symbols 1..alphabet; 0 pads
-    min_length: int = 3
-    max_length: int = 8
-    shots: int = 5  # K input/output pairs per task
-    query: int = 10  # query pairs per task, meta-training
-    eval_query: int = 20  # query pairs per task, validation and test
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    split_seed: int = 0  # which rules are train, val and test
+class SeqTasksConfig(EpisodeConfig):
+    alphabet: int = count(8, minimum=3)  # symbols 1..alphabet; 0 pads (3 or more, so ciphers split)
+    min_length: int = count(3)
+    max_length: int = count(8)
+    shots: int = count(5)  # K input/output pairs per task
+    query: int = count(10)  # query pairs per task, meta-training
+    eval_query: int = count(20)  # query pairs per task, validation and test
+    families: list[str] = setting(factory=lambda: list(FAMILIES), choices=FAMILIES)
+    split_seed: int = count(0, minimum=0)  # which rules are train, val and test
+    meta_batch_size: int = count(16)
+    eval_batch_size: int = count(100)
+
+    def check(self) -> None:
+        if self.max_length < self.min_length:
+            self.refuse(f"data.max_length={self.max_length} is below data.min_length={self.min_length}.")
+        if not self.families:
+            self.refuse(f"data.families=[] is empty: choose one or more of {list(FAMILIES)}.")
+
+    def spec(self) -> TaskSpec:
+        return {"task_type": "seq2seq", "input_shape": (self.max_length,), "vocab": self.alphabet + 1,
+                "output_dim": self.alphabet + 1, "output_length": self.max_length}
 
 
 @dataclass(frozen=True)
@@ -58,23 +70,8 @@ class SeqTasks:
     task_type = "seq2seq"
 
     def __init__(self, cfg: SeqTasksConfig):
-        for key in ("alphabet", "min_length", "shots", "query", "eval_query"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"data.{key}={getattr(cfg, key)} must be a positive integer.")
-        if cfg.alphabet < 3:
-            raise ConfigError(f"data.alphabet={cfg.alphabet} leaves too few ciphers to split; use 3 or more symbols.")
-        if cfg.max_length < cfg.min_length:
-            raise ConfigError(f"data.max_length={cfg.max_length} is below data.min_length={cfg.min_length}.")
-        unknown = sorted(set(cfg.families) - set(FAMILIES))
-        if unknown or not cfg.families:
-            raise ConfigError(f"data.families={list(cfg.families)}: choose one or more of {list(FAMILIES)}.")
         self.cfg = cfg
-
-    @property
-    def spec(self) -> dict:
-        c = self.cfg
-        return {"task_type": self.task_type, "input_shape": (c.max_length,), "vocab": c.alphabet + 1,
-                "output_dim": c.alphabet + 1, "output_length": c.max_length}
+        self.spec = cfg.spec()
 
     def split_of(self, rule: Rule) -> str:
         digest = hashlib.sha256(f"{self.cfg.split_seed}/{rule.key()}".encode()).digest()

@@ -10,41 +10,42 @@ from dataclasses import dataclass
 
 import torch
 
-from metalstm.data.episodes import EpisodeBatch
-from metalstm.errors import ConfigError
+from metalstm.config import count, positive
+from metalstm.core import EpisodeBatch, TaskSpec
+from metalstm.data.episodes import EpisodeConfig
 
 
-def check(cfg: object, counts: tuple[str, ...], intervals: tuple[str, ...]) -> None:
-    """Counts must be positive integers, intervals [low, high] with low < high."""
-    for key in counts:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"data.{key}={getattr(cfg, key)} must be a positive integer.")
-    for key in intervals:
+def check_intervals(cfg: EpisodeConfig, keys: tuple[str, ...]) -> None:
+    for key in keys:
         low, high = getattr(cfg, key)
         if not low < high:
-            raise ConfigError(f"data.{key}=[{low}, {high}] must be an interval [low, high] with low < high.")
+            cfg.refuse(f"data.{key}=[{low}, {high}] must be an interval [low, high] with low < high.")
 
 
 @dataclass
-class SinusoidConfig:
-    shots: int = 10  # K support points
-    query: int = 10  # query points per task, meta-training
-    eval_query: int = 100  # query points per task, validation and test
+class SinusoidConfig(EpisodeConfig):
+    shots: int = count(10)  # K support points
+    query: int = count(10)  # query points per task, meta-training
+    eval_query: int = count(100)  # query points per task, validation and test
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
+    meta_batch_size: int = count(25)
+    eval_batch_size: int = count(100)
+
+    def check(self) -> None:
+        check_intervals(self, ("amplitude", "phase", "x_range"))
+
+    def spec(self) -> TaskSpec:
+        return {"task_type": "regression", "input_shape": (1,), "output_dim": 1}
 
 
 class SinusoidTasks:
     task_type = "regression"
 
     def __init__(self, cfg: SinusoidConfig):
-        check(cfg, counts=("shots", "query", "eval_query"), intervals=("amplitude", "phase", "x_range"))
         self.cfg = cfg
-
-    @property
-    def spec(self) -> dict:
-        return {"task_type": self.task_type, "input_shape": (1,), "output_dim": 1}
+        self.spec = cfg.spec()
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
         c = self.cfg
@@ -66,18 +67,26 @@ class SinusoidTasks:
 
 
 @dataclass
-class SinusoidSeqConfig:
+class SinusoidSeqConfig(EpisodeConfig):
     """The sinusoid family as forecasting: see ``SinusoidSeqTasks``."""
 
-    shots: int = 5  # K windows per task
-    query: int = 10
-    eval_query: int = 20
-    window: int = 5  # points the encoder reads
-    horizon: int = 10  # points the decoder predicts
-    dt: float = 0.3  # time between points; a window spans (window - 1) * dt
+    shots: int = count(5)  # K windows per task
+    query: int = count(10)
+    eval_query: int = count(20)
+    window: int = count(5)  # points the encoder reads
+    horizon: int = count(10)  # points the decoder predicts
+    dt: float = positive(0.3)  # time between points; a window spans (window - 1) * dt
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     t_range: tuple[float, float] = (-5.0, 5.0)  # where windows start
+    meta_batch_size: int = count(25)
+    eval_batch_size: int = count(100)
+
+    def check(self) -> None:
+        check_intervals(self, ("amplitude", "phase", "t_range"))
+
+    def spec(self) -> TaskSpec:
+        return {"task_type": "forecast", "input_shape": (self.window, 1), "output_dim": 1, "output_length": self.horizon}
 
 
 class SinusoidSeqTasks:
@@ -88,15 +97,8 @@ class SinusoidSeqTasks:
     task_type = "forecast"
 
     def __init__(self, cfg: SinusoidSeqConfig):
-        check(cfg, counts=("shots", "query", "eval_query", "window", "horizon"), intervals=("amplitude", "phase", "t_range"))
-        if cfg.dt <= 0:
-            raise ConfigError(f"data.dt={cfg.dt} must be positive.")
         self.cfg = cfg
-
-    @property
-    def spec(self) -> dict:
-        c = self.cfg
-        return {"task_type": self.task_type, "input_shape": (c.window, 1), "output_dim": 1, "output_length": c.horizon}
+        self.spec = cfg.spec()
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
         c = self.cfg

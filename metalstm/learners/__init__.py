@@ -1,27 +1,27 @@
 """Base learners: functional networks any meta-learner can adapt.
 
-Adding one: a module with a config dataclass and a ``BaseLearner`` subclass, an entry in
-``BASE_LEARNERS``, a YAML in ``configs/base_learner/``.
+Adding one: a module with a config dataclass (extending ``LearnerConfig``) and a ``BaseLearner``
+subclass, and one ``BASE_LEARNERS.register`` line.
 """
 from __future__ import annotations
 
-from metalstm.config import choose, from_dict
-from metalstm.learners.base import BaseLearner, Params, TaskSpec
+from metalstm.config import Component, Registry
+from metalstm.core import TaskSpec
+from metalstm.learners.base import BaseLearner, LearnerConfig, Params
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.lstm import LSTMEncoder, LSTMEncoderConfig, LSTMSeq2Seq, LSTMSeq2SeqConfig
 from metalstm.learners.mlp import MLP, MLPConfig
 
-BASE_LEARNERS: dict[str, tuple[type, type[BaseLearner]]] = {
-    "conv4": (Conv4Config, Conv4),
-    "mlp": (MLPConfig, MLP),
-    "lstm_encoder": (LSTMEncoderConfig, LSTMEncoder),
-    "lstm_seq2seq": (LSTMSeq2SeqConfig, LSTMSeq2Seq),
-}
+BASE_LEARNERS = Registry("base_learner", "base learner")
+BASE_LEARNERS.register("conv4", Conv4Config, Conv4)
+BASE_LEARNERS.register("mlp", MLPConfig, MLP)
+BASE_LEARNERS.register("lstm_encoder", LSTMEncoderConfig, LSTMEncoder)
+BASE_LEARNERS.register("lstm_seq2seq", LSTMSeq2SeqConfig, LSTMSeq2Seq)
 
 
-def build_base_learner(cfg: dict, spec: TaskSpec) -> BaseLearner:
-    _, (config_class, learner_class), cfg = choose(BASE_LEARNERS, cfg, "base_learner", "base learner")
-    return learner_class(from_dict(config_class, cfg, "base_learner", siblings=(c for c, _ in BASE_LEARNERS.values())), spec)
+def build_base_learner(base: Component, spec: TaskSpec) -> BaseLearner:
+    """The parsed ``base_learner`` group's network, sized for tasks of ``spec``."""
+    return base.impl(base.config, spec)
 
 
-__all__ = ["BASE_LEARNERS", "BaseLearner", "Params", "TaskSpec", "build_base_learner"]
+__all__ = ["BASE_LEARNERS", "BaseLearner", "LearnerConfig", "Params", "TaskSpec", "build_base_learner"]

@@ -4,23 +4,23 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NotRequired, TypedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metalstm.config import Config
+from metalstm.core import TaskSpec
+from metalstm.errors import ConfigError
+
 Params = dict[str, Tensor]
 
 
-class TaskSpec(TypedDict):
-    """What a data set tells a base learner about its tasks (plain data, no imports either way)."""
-
-    task_type: str  # "classification" | "regression" | "seq2seq" (a token sequence per example)
-    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28), (1,), (length,) tokens, (length, features)
-    output_dim: int  # ways for classification, target size for regression, vocabulary for seq2seq
-    vocab: NotRequired[int]  # inputs are token ids 0..vocab-1 (0 = padding)
-    output_length: NotRequired[int]  # targets are sequences of this many steps
+@dataclass
+class LearnerConfig(Config):
+    group: ClassVar[str] = "base_learner"
 
 
 class BaseLearner(nn.Module):
@@ -29,7 +29,8 @@ class BaseLearner(nn.Module):
     Meta-learners read the meta-learned initialisation with ``params()`` and run adapted
     copies with ``forward_with(params, x)`` (outputs [n, output_dim]) or ``embed_with(params, x)``
     (penultimate features [n, embed_dim]); nothing in a meta-learner depends on the layers.
-    Subclasses define ``body`` (x -> features) and ``head`` (features -> outputs).
+    Subclasses define ``body`` (x -> features) and ``head`` (features -> outputs), and ``refusal``:
+    why they cannot learn tasks of a given spec (None if they can).
     BatchNorm layers keep no running statistics: each forward normalises with the statistics
     of its own batch (``bn_policy``), so adapted copies never share hidden state.
     """
@@ -40,9 +41,23 @@ class BaseLearner(nn.Module):
     body: nn.Module
     head: nn.Module
 
+    @classmethod
+    def refusal(cls, cfg: Any, spec: TaskSpec) -> str | None:
+        """Why this learner (with ``cfg``) cannot learn tasks of ``spec``, or None if it can."""
+        return None
+
+    def check_spec(self, cfg: Any, spec: TaskSpec) -> None:
+        reason = self.refusal(cfg, spec)
+        if reason is not None:
+            raise ConfigError(reason)
+
     def params(self) -> Params:
         """The meta-learned parameters (leaves), keyed by name."""
         return dict(self.named_parameters())
+
+    def head_names(self) -> set[str]:
+        """Names (as in ``params()``) of the head's parameters: the last layer."""
+        return {f"head.{n}" for n, _ in self.head.named_parameters()}
 
     def forward(self, x: Tensor, embed: bool = False, targets: Tensor | None = None) -> Tensor:
         features = self.body(x)

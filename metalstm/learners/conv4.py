@@ -5,16 +5,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, BatchNorm, TaskSpec
+from metalstm.config import choice, count
+from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, TaskSpec
 
 
 @dataclass
-class Conv4Config:
-    filters: int = 64
-    blocks: int = 4
-    norm: str = "batch"  # batch (transductive batch statistics) | none
-    downsample: str = "stride"  # stride (MAML's 2x2-strided convs) | maxpool (ProtoNet/Vinyals)
+class Conv4Config(LearnerConfig):
+    """Four [conv3x3 -> BatchNorm -> ReLU -> downsample] blocks and a linear head. BatchNorm keeps no running
+    statistics: every forward normalises with its own batch (transductive at meta-test, as in MAML)."""
+
+    filters: int = count(64)
+    blocks: int = count(4)
+    norm: str = choice("batch", ("batch", "none"))  # batch (transductive batch statistics) | none
+    downsample: str = choice("stride", ("stride", "maxpool"))  # stride (MAML's 2x2-strided convs) | maxpool (ProtoNet/Vinyals)
 
 
 class Conv4(BaseLearner):
@@ -22,25 +25,23 @@ class Conv4(BaseLearner):
 
     vmap_on_cpu = False  # vmapped convolutions become grouped ones, slow on CPU: W1 2.8 vs 5.0 tasks/s looped
 
+    @classmethod
+    def refusal(cls, cfg: Conv4Config, spec: TaskSpec) -> str | None:
+        if len(spec["input_shape"]) != 3:
+            return (f"base_learner=conv4 needs image inputs [channels, height, width], but this data set's examples "
+                    f"have shape {list(spec['input_shape'])}; use base_learner=mlp (or an LSTM for sequences).")
+        _, image_size, width = spec["input_shape"]
+        if image_size != width:
+            return f"base_learner=conv4 needs square images, got {image_size}x{width}."
+        if cfg.downsample == "maxpool" and image_size < 2**cfg.blocks:
+            return (f"{image_size}x{image_size} images are too small for {cfg.blocks} max-pooling blocks; "
+                    f"use fewer base_learner.blocks or larger data.image_size.")
+        return None
+
     def __init__(self, cfg: Conv4Config, spec: TaskSpec):
         super().__init__()
-        if len(spec["input_shape"]) != 3:
-            raise ConfigError(
-                f"base_learner=conv4 needs image inputs [channels, height, width], but this data set's examples "
-                f"have shape {list(spec['input_shape'])}; use base_learner=mlp (or an LSTM for sequences)."
-            )
-        in_channels, image_size, width = spec["input_shape"]
-        if image_size != width:
-            raise ConfigError(f"base_learner=conv4 needs square images, got {image_size}x{width}.")
-        if cfg.norm not in ("batch", "none"):
-            raise ConfigError(f"base_learner.norm={cfg.norm!r}; choose batch or none.")
-        if cfg.downsample not in ("stride", "maxpool"):
-            raise ConfigError(f"base_learner.downsample={cfg.downsample!r}; choose stride or maxpool.")
-        if cfg.downsample == "maxpool" and image_size < 2**cfg.blocks:
-            raise ConfigError(
-                f"{image_size}x{image_size} images are too small for {cfg.blocks} max-pooling blocks; "
-                f"use fewer base_learner.blocks or larger data.image_size."
-            )
+        self.check_spec(cfg, spec)
+        in_channels, image_size, _ = spec["input_shape"]
         self.bn_policy = "transductive" if cfg.norm == "batch" else "none"
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, TaskSpec
+from metalstm.config import count
+from metalstm.core import PAD
+from metalstm.learners.base import BaseLearner, LearnerConfig, TaskSpec
 
-PAD = 0  # token id of padding; real tokens are 1..vocab-1
 State = tuple[Tensor, Tensor]
 
 
@@ -64,27 +64,27 @@ class LSTMLayer(nn.Module):
 
 
 @dataclass
-class LSTMEncoderConfig:
-    hidden: int = 128
-    input_dim: int = 32  # token embedding size, or the projection of real-valued steps
+class LSTMEncoderConfig(LearnerConfig):
+    hidden: int = count(128)
+    input_dim: int = count(32)  # token embedding size, or the projection of real-valued steps
 
 
 class SequenceInput(nn.Module):
     """Embeds tokens x [n, L] or projects real steps x [n, L, d] -> [n, L, input_dim]."""
 
-    def __init__(self, spec: TaskSpec, input_dim: int, group: str):
+    @staticmethod
+    def refusal(spec: TaskSpec, group: str) -> str | None:
+        shape, tokens = tuple(spec["input_shape"]), spec.get("vocab") is not None
+        if (tokens and len(shape) == 1) or (not tokens and len(shape) == 2):
+            return None
+        return (f"base_learner={group} needs sequences (tokens [length] or real-valued steps [length, features]), "
+                f"but this data set's examples have shape {list(shape)}; use base_learner=conv4 or mlp.")
+
+    def __init__(self, spec: TaskSpec, input_dim: int):
         super().__init__()
         shape = tuple(spec["input_shape"])
         self.tokens = spec.get("vocab") is not None
-        if self.tokens and len(shape) == 1:
-            self.embed = nn.Embedding(spec["vocab"], input_dim)
-        elif not self.tokens and len(shape) == 2:
-            self.embed = nn.Linear(shape[1], input_dim)
-        else:
-            raise ConfigError(
-                f"base_learner={group} needs sequences (tokens [length] or real-valued steps [length, features]), "
-                f"but this data set's examples have shape {list(shape)}; use base_learner=conv4 or mlp."
-            )
+        self.embed = nn.Embedding(spec["vocab"], input_dim) if self.tokens else nn.Linear(shape[1], input_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """-> (inputs [n, L, input_dim], mask [n, L] or None)."""
@@ -96,14 +96,17 @@ class SequenceInput(nn.Module):
 class LSTMEncoder(BaseLearner):
     """x [n, L(, d)] -> outputs [n, output_dim]; the embedding is the final hidden state [n, hidden]."""
 
+    @classmethod
+    def refusal(cls, cfg: LSTMEncoderConfig, spec: TaskSpec) -> str | None:
+        if spec.get("output_length"):
+            return ("base_learner=lstm_encoder predicts one output per sequence, but this data set's "
+                    "targets are sequences; use base_learner=lstm_seq2seq.")
+        return SequenceInput.refusal(spec, "lstm_encoder")
+
     def __init__(self, cfg: LSTMEncoderConfig, spec: TaskSpec):
         super().__init__()
-        if cfg.hidden < 1 or cfg.input_dim < 1:
-            raise ConfigError("base_learner.hidden and base_learner.input_dim must be >= 1.")
-        if spec.get("output_length"):
-            raise ConfigError("base_learner=lstm_encoder predicts one output per sequence, but this data set's "
-                              "targets are sequences; use base_learner=lstm_seq2seq.")
-        self.input = SequenceInput(spec, cfg.input_dim, "lstm_encoder")
+        self.check_spec(cfg, spec)
+        self.input = SequenceInput(spec, cfg.input_dim)
         self.encoder = LSTMLayer(cfg.input_dim, cfg.hidden)
         self.embed_dim = cfg.hidden
         self.head = nn.Linear(cfg.hidden, spec["output_dim"])
@@ -115,9 +118,9 @@ class LSTMEncoder(BaseLearner):
 
 
 @dataclass
-class LSTMSeq2SeqConfig:
-    hidden: int = 128
-    input_dim: int = 32
+class LSTMSeq2SeqConfig(LearnerConfig):
+    hidden: int = count(128)
+    input_dim: int = count(32)  # token embedding size, or the projection of real-valued steps
 
 
 class LSTMSeq2Seq(BaseLearner):
@@ -126,16 +129,19 @@ class LSTMSeq2Seq(BaseLearner):
     target (teacher forcing); without, it reads its own previous prediction (greedy). The first
     decoder input is a learned start vector. For token outputs, target 0 (padding) ends a sequence."""
 
+    @classmethod
+    def refusal(cls, cfg: LSTMSeq2SeqConfig, spec: TaskSpec) -> str | None:
+        if not spec.get("output_length"):
+            return ("base_learner=lstm_seq2seq decodes target sequences, but this data set has one "
+                    "target per example; use base_learner=lstm_encoder, mlp or conv4.")
+        return SequenceInput.refusal(spec, "lstm_seq2seq")
+
     def __init__(self, cfg: LSTMSeq2SeqConfig, spec: TaskSpec):
         super().__init__()
-        if cfg.hidden < 1 or cfg.input_dim < 1:
-            raise ConfigError("base_learner.hidden and base_learner.input_dim must be >= 1.")
-        if not spec.get("output_length"):
-            raise ConfigError("base_learner=lstm_seq2seq decodes target sequences, but this data set has one "
-                              "target per example; use base_learner=lstm_encoder, mlp or conv4.")
+        self.check_spec(cfg, spec)
         self.output_length = spec["output_length"]
         self.token_outputs = spec["task_type"] == "seq2seq"
-        self.input = SequenceInput(spec, cfg.input_dim, "lstm_seq2seq")
+        self.input = SequenceInput(spec, cfg.input_dim)
         self.encoder = LSTMLayer(cfg.input_dim, cfg.hidden)
         if self.token_outputs:
             self.target_input = nn.Embedding(spec["output_dim"], cfg.input_dim)

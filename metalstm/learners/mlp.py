@@ -2,29 +2,36 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
-from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, TaskSpec
+from metalstm.config import setting
+from metalstm.learners.base import BaseLearner, LearnerConfig, TaskSpec
 
 
 @dataclass
-class MLPConfig:
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
+class MLPConfig(LearnerConfig):
+    hidden: list[int] = setting(factory=lambda: [40, 40], minimum=1)  # widths of the hidden layers
+
+    def check(self) -> None:
+        if not self.hidden:
+            self.refuse("base_learner.hidden=[] must hold one or more positive layer widths, e.g. [40, 40].")
 
 
 class MLP(BaseLearner):
     """x [n, *input_shape] (flattened) -> [n, spec output_dim]; embedding = last hidden layer."""
 
+    @classmethod
+    def refusal(cls, cfg: MLPConfig, spec: TaskSpec) -> str | None:
+        if spec.get("vocab") is not None or spec.get("output_length"):
+            return ("base_learner=mlp maps a real-valued input to one output, but this data set's examples are "
+                    "sequences; use base_learner=lstm_seq2seq or lstm_encoder.")
+        return None
+
     def __init__(self, cfg: MLPConfig, spec: TaskSpec):
         super().__init__()
-        if not cfg.hidden or any(h < 1 for h in cfg.hidden):
-            raise ConfigError(f"base_learner.hidden={list(cfg.hidden)} must hold one or more positive layer widths.")
-        if spec.get("vocab") is not None or spec.get("output_length"):
-            raise ConfigError("base_learner=mlp maps a real-valued input to one output, but this data set's examples are "
-                              "sequences; use base_learner=lstm_seq2seq or lstm_encoder.")
+        self.check_spec(cfg, spec)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(spec["input_shape"])
         for h in cfg.hidden:

@@ -1,12 +1,15 @@
-"""Meta-learners. Adding one: a module with a config dataclass and a ``MetaLearner`` subclass,
-an entry in ``META_LEARNERS``, a YAML in ``configs/meta_learner/``.
+"""Meta-learners. Adding one: a module with a config dataclass (extending ``MetaConfig``) and a
+``MetaLearner`` subclass, and one ``META_LEARNERS.register`` line (here, or in your own code);
+``meta_learner=<name>`` then composes its defaults. A variant of a registered one is a YAML in
+``configs/meta_learner/`` (``defaults: [maml]`` and the settings that differ, as ``anil.yaml``).
 """
 from __future__ import annotations
 
-from metalstm.config import choose, from_dict
+from metalstm.config import Component, Registry
+from metalstm.core import TaskSpec
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, TaskSpec
-from metalstm.meta.base import LossFn, MetaLearner, MetaOutput
+from metalstm.learners.base import BaseLearner
+from metalstm.meta.base import LossFn, MetaConfig, MetaLearner, MetaOutput
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
@@ -14,26 +17,30 @@ from metalstm.meta.pretrain_finetune import PretrainFinetune, PretrainFinetuneCo
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
 
-META_LEARNERS: dict[str, tuple[type, type[MetaLearner]]] = {
-    "maml": (MAMLConfig, MAML),
-    "reptile": (ReptileConfig, Reptile),
-    "lstm_optimizer": (LSTMOptimizerConfig, LSTMOptimizer),
-    "memory_lstm": (MemoryLSTMConfig, MemoryLSTM),
-    "protonet": (ProtoNetConfig, ProtoNet),
-    "pretrain_finetune": (PretrainFinetuneConfig, PretrainFinetune),
-}
+META_LEARNERS = Registry("meta_learner", "meta-learner")
+META_LEARNERS.register("maml", MAMLConfig, MAML)
+META_LEARNERS.register("reptile", ReptileConfig, Reptile)
+META_LEARNERS.register("lstm_optimizer", LSTMOptimizerConfig, LSTMOptimizer)
+META_LEARNERS.register("memory_lstm", MemoryLSTMConfig, MemoryLSTM)
+META_LEARNERS.register("protonet", ProtoNetConfig, ProtoNet)
+META_LEARNERS.register("pretrain_finetune", PretrainFinetuneConfig, PretrainFinetune)
 
 
-def build_meta_learner(cfg: dict, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec) -> MetaLearner:
-    """A meta-learner for ``learner`` on tasks described by ``spec``; a meaningless combination is a ConfigError."""
-    name, (config_class, meta_class), cfg = choose(META_LEARNERS, cfg, "meta_learner", "meta-learner")
-    if spec["task_type"] not in meta_class.task_types:
-        raise ConfigError(
-            f"meta_learner={name} learns {' or '.join(meta_class.task_types)} tasks, but this data set's tasks are "
-            f"{spec['task_type']}; choose another meta-learner or data set."
-        )
-    config = from_dict(config_class, cfg, "meta_learner", siblings=(c for c, _ in META_LEARNERS.values()))
-    return meta_class(learner, loss_fn, spec, config)
+def refusal(meta: type[MetaLearner], name: str, spec: TaskSpec) -> str | None:
+    """Why meta-learner ``meta`` cannot learn tasks of ``spec``, or None if it can."""
+    if spec["task_type"] in meta.task_types:
+        return None
+    return (f"meta_learner={name} learns {' or '.join(meta.task_types)} tasks, but this data set's tasks are "
+            f"{spec['task_type']}; choose another meta-learner or data set.")
 
 
-__all__ = ["META_LEARNERS", "MetaLearner", "MetaOutput", "build_meta_learner"]
+def build_meta_learner(meta: Component, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec) -> MetaLearner:
+    """The parsed ``meta_learner`` group's meta-learner for ``learner`` on tasks of ``spec``; a meaningless
+    combination is a ConfigError."""
+    reason = refusal(meta.impl, meta.name, spec)
+    if reason is not None:
+        raise ConfigError(reason)
+    return meta.impl(learner, loss_fn, spec, meta.config)
+
+
+__all__ = ["META_LEARNERS", "MetaConfig", "MetaLearner", "MetaOutput", "build_meta_learner", "refusal"]

@@ -1,14 +1,16 @@
-"""The protocol every meta-learner implements, and the registry tests loop over."""
+"""The protocol every meta-learner implements, and the base of their configs."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.config import Config
+from metalstm.core import EpisodeBatch
 from metalstm.learners.base import BaseLearner
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs [n, out], targets [n(, out)]) -> scalar
@@ -17,6 +19,11 @@ LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs [n, out], targets [n(, o
 def key(name: str) -> str:
     """A parameter name as a ParameterDict key or buffer name, which cannot hold dots."""
     return name.replace(".", "-")
+
+
+@dataclass
+class MetaConfig(Config):
+    group: ClassVar[str] = "meta_learner"
 
 
 class MetaOutput(NamedTuple):

@@ -15,6 +15,7 @@ and a learned initial theta_0.
 variant="andrychowicz" (Andrychowicz et al. 2016): a 2-layer LSTM maps the gradient to the update,
     theta_t = theta_{t-1} + output_scale * W h_t,
 unrolled over the inner steps, backpropagating through the last ``truncation`` of them.
+Each variant is an ``UpdateRule`` (a new rule is one class and one ``UPDATE_RULES`` entry).
 Both learn theta_0 when ``learn_init`` (the few-shot setting); the meta-loss is the query loss
 after the last inner step. The tasks of a meta-batch run together: their coordinates are rows of
 one LSTM batch and their support gradients come from one ``vmap(grad(...))``.
@@ -28,29 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metalstm.data.episodes import EpisodeBatch
-from metalstm.errors import ConfigError
+from metalstm.config import choice, count, positive
+from metalstm.core import EpisodeBatch
 from metalstm.learners.base import Params
-from metalstm.meta.base import MetaLearner, MetaOutput
+from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 
-VARIANTS = ("ravi", "andrychowicz")
-
-
-@dataclass
-class LSTMOptimizerConfig:
-    variant: str = "ravi"  # ravi | andrychowicz
-    inner_steps: int = 5
-    test_inner_steps: int = 10
-    hidden: int = 20
-    preprocess_p: float = 10.0
-    learn_init: bool = True  # meta-learn theta_0; otherwise every task starts from the initial draw
-    # ravi: f ~ 1 keeps the parameters. Ravi's code draws b_F from U(4, 6), but at f = sigmoid(5) the first
-    # step shrinks every parameter by 0.7%, which outweighs the gradient step of a Conv-4 (cosine 0.72 to
-    # SGD); from U(8, 9) the first update is within 5% of an SGD step (tests/test_meta_learners.py).
-    forget_bias_init: tuple[float, float] = (8.0, 9.0)
-    input_bias_init: tuple[float, float] = (-5.0, -4.0)  # ravi: i ~ 0.01, a small SGD step
-    output_scale: float = 0.1  # andrychowicz
-    truncation: int | None = None  # andrychowicz: backprop through the last N inner steps (None: all)
+State = tuple[Tensor, ...]
 
 
 def preprocess(x: Tensor, p: float) -> Tensor:
@@ -61,29 +45,100 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     return torch.stack([magnitude, sign], -1)
 
 
+class UpdateRule(nn.Module):
+    """One learned step of every coordinate at once: theta [n], its loss [n] (each coordinate carries its
+    task's support loss) and gradient [n] (both constants) -> the next theta [n] and the rule's state."""
+
+    def initial_state(self, n: int, like: Tensor) -> State:
+        raise NotImplementedError
+
+    def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+class RaviUpdate(UpdateRule):
+    """The cell state is the parameters: theta_t = f_t * theta_{t-1} - i_t * grad_t, with the gates
+    computed from h_t (an LSTM over the loss and gradient features), theta_{t-1} and the previous gate."""
+
+    def __init__(self, cfg: LSTMOptimizerConfig):
+        super().__init__()
+        self.hidden, self.p = cfg.hidden, cfg.preprocess_p
+        self.input_lstm = nn.LSTMCell(4, cfg.hidden)  # (loss, grad) features -> h_t
+        self.w_input = nn.Parameter(torch.empty(cfg.hidden + 2).uniform_(-0.01, 0.01))
+        self.w_forget = nn.Parameter(torch.empty(cfg.hidden + 2).uniform_(-0.01, 0.01))
+        self.b_input = nn.Parameter(torch.empty(1).uniform_(*cfg.input_bias_init))
+        self.b_forget = nn.Parameter(torch.empty(1).uniform_(*cfg.forget_bias_init))
+
+    def initial_state(self, n: int, like: Tensor) -> State:
+        zeros = like.new_zeros
+        return zeros(n, self.hidden), zeros(n, self.hidden), zeros(n), zeros(n)  # h, c, i_{t-1}, f_{t-1}
+
+    def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
+        h, c, i_prev, f_prev = state
+        h, c = self.input_lstm(torch.cat([preprocess(loss, self.p), preprocess(grad, self.p)], -1), (h, c))
+        i = torch.sigmoid(torch.cat([h, theta[:, None], i_prev[:, None]], -1) @ self.w_input + self.b_input)
+        f = torch.sigmoid(torch.cat([h, theta[:, None], f_prev[:, None]], -1) @ self.w_forget + self.b_forget)
+        return f * theta - i * grad, (h, c, i, f)
+
+
+class AndrychowiczUpdate(UpdateRule):
+    """A 2-layer LSTM maps the gradient features to the update: theta_t = theta_{t-1} + scale * W h_t;
+    gradients flow back through the last ``truncation`` steps only (all when None)."""
+
+    def __init__(self, cfg: LSTMOptimizerConfig):
+        super().__init__()
+        self.hidden, self.p, self.scale, self.truncation = cfg.hidden, cfg.preprocess_p, cfg.output_scale, cfg.truncation
+        self.lstm1 = nn.LSTMCell(2, cfg.hidden)
+        self.lstm2 = nn.LSTMCell(cfg.hidden, cfg.hidden)
+        self.out = nn.Linear(cfg.hidden, 1)
+        nn.init.normal_(self.out.weight, std=1e-3)  # start with near-zero updates, then learn them
+        nn.init.zeros_(self.out.bias)
+
+    def initial_state(self, n: int, like: Tensor) -> State:
+        return tuple(like.new_zeros(n, self.hidden) for _ in range(4))  # (h, c) of both layers
+
+    def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
+        if self.truncation and step and step % self.truncation == 0:
+            theta, state = theta.detach(), tuple(s.detach() for s in state)
+        h1, c1 = self.lstm1(preprocess(grad, self.p), state[:2])
+        h2, c2 = self.lstm2(h1, state[2:])
+        return theta + self.scale * self.out(h2).squeeze(-1), (h1, c1, h2, c2)
+
+
+UPDATE_RULES: dict[str, type[UpdateRule]] = {"ravi": RaviUpdate, "andrychowicz": AndrychowiczUpdate}
+
+
+@dataclass
+class LSTMOptimizerConfig(MetaConfig):
+    variant: str = choice("ravi", UPDATE_RULES)  # the update rule: ravi | andrychowicz
+    inner_steps: int = count(5)
+    test_inner_steps: int = count(10, minimum=0)
+    hidden: int = count(20)
+    preprocess_p: float = positive(10.0)
+    learn_init: bool = True  # meta-learn theta_0; otherwise every task starts from the initial draw
+    # ravi: f ~ 1 keeps the parameters. Ravi's code draws b_F from U(4, 6), but at f = sigmoid(5) the first
+    # step shrinks every parameter by 0.7%, which outweighs the gradient step of a Conv-4 (cosine 0.72 to
+    # SGD); from U(8, 9) the first update is within 5% of an SGD step (tests/test_meta_learners.py).
+    forget_bias_init: tuple[float, float] = (8.0, 9.0)
+    input_bias_init: tuple[float, float] = (-5.0, -4.0)  # ravi: i ~ 0.01, a small SGD step
+    output_scale: float = positive(0.1)  # andrychowicz
+    truncation: int | None = count(None)  # andrychowicz: backprop through the last N inner steps (null: all)
+
+    def check(self) -> None:
+        for key in ("forget_bias_init", "input_bias_init"):
+            low, high = getattr(self, key)
+            if not low <= high:
+                self.refuse(f"meta_learner.{key}=[{low}, {high}] must be a range [low, high] with low <= high.")
+
+
 class LSTMOptimizer(MetaLearner):
     def __init__(self, learner, loss_fn, spec, cfg: LSTMOptimizerConfig):
         super().__init__(learner, loss_fn)
-        if cfg.variant not in VARIANTS:
-            raise ConfigError(f"meta_learner.variant={cfg.variant!r}; choose one of {list(VARIANTS)}.")
-        if cfg.hidden < 1 or cfg.inner_steps < 1 or cfg.test_inner_steps < 0:
-            raise ConfigError("meta_learner.hidden and inner_steps must be >= 1, test_inner_steps >= 0.")
         self.cfg = cfg
         self.shapes = {k: v.shape for k, v in learner.params().items()}
         if not cfg.learn_init:
             learner.requires_grad_(False)
-        if cfg.variant == "ravi":
-            self.input_lstm = nn.LSTMCell(4, cfg.hidden)  # (loss, grad) features -> h_t
-            self.w_input = nn.Parameter(torch.empty(cfg.hidden + 2).uniform_(-0.01, 0.01))
-            self.w_forget = nn.Parameter(torch.empty(cfg.hidden + 2).uniform_(-0.01, 0.01))
-            self.b_input = nn.Parameter(torch.empty(1).uniform_(*cfg.input_bias_init))
-            self.b_forget = nn.Parameter(torch.empty(1).uniform_(*cfg.forget_bias_init))
-        else:
-            self.lstm1 = nn.LSTMCell(2, cfg.hidden)
-            self.lstm2 = nn.LSTMCell(cfg.hidden, cfg.hidden)
-            self.out = nn.Linear(cfg.hidden, 1)
-            nn.init.normal_(self.out.weight, std=1e-3)  # start with near-zero updates, then learn them
-            nn.init.zeros_(self.out.bias)
+        self.update = UPDATE_RULES[cfg.variant](cfg)
 
     # ------------------------------------------------------------------ flat parameter vectors
 
@@ -116,30 +171,13 @@ class LSTMOptimizer(MetaLearner):
 
     def optimize(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
         """Run the learned optimizer for ``steps`` on a batch of support sets x [tasks, n, ...];
-        returns theta_T [tasks, P]. Every coordinate of every task is one row of the LSTM's batch."""
+        returns theta_T [tasks, P]. Every coordinate of every task is one row of the rule's batch."""
         tasks = y.shape[0]
         theta = self.flat_init().expand(tasks, -1)
-        n, h = theta.numel(), self.cfg.hidden
-        zeros = theta.new_zeros
-        if self.cfg.variant == "ravi":
-            state, i_prev, f_prev = (zeros(n, h), zeros(n, h)), zeros(n), zeros(n)
-        else:
-            state, state2 = (zeros(n, h), zeros(n, h)), (zeros(n, h), zeros(n, h))
+        state = self.update.initial_state(theta.numel(), theta)
         for step in range(steps):
             loss, grad = self.support_gradients(theta, x, y)
-            grad, flat = grad.flatten(), theta.flatten()
-            if self.cfg.variant == "ravi":
-                loss_features = preprocess(loss, self.cfg.preprocess_p).repeat_interleave(theta.shape[1], 0)
-                state = self.input_lstm(torch.cat([loss_features, preprocess(grad, self.cfg.preprocess_p)], -1), state)
-                i_prev = torch.sigmoid(torch.cat([state[0], flat[:, None], i_prev[:, None]], -1) @ self.w_input + self.b_input)
-                f_prev = torch.sigmoid(torch.cat([state[0], flat[:, None], f_prev[:, None]], -1) @ self.w_forget + self.b_forget)
-                flat = f_prev * flat - i_prev * grad
-            else:
-                if self.cfg.truncation and step and step % self.cfg.truncation == 0:
-                    flat, state, state2 = flat.detach(), tuple(s.detach() for s in state), tuple(s.detach() for s in state2)
-                state = self.lstm1(preprocess(grad, self.cfg.preprocess_p), state)
-                state2 = self.lstm2(state[0], state2)
-                flat = flat + self.cfg.output_scale * self.out(state2[0]).squeeze(-1)
+            flat, state = self.update(theta.flatten(), loss.repeat_interleave(theta.shape[1]), grad.flatten(), state, step)
             theta = flat.view(tasks, -1)
         return theta
 

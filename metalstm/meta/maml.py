@@ -14,6 +14,9 @@ MAML++ options, each off by default:
 - per_step_bn: BatchNorm weights and biases learned separately for each of the S+1 forward passes
   (steps 0..S; not adapted in the inner loop); test steps beyond S reuse the last.
 - first_order_until: first-order gradients for this fraction of training, second order after.
+
+Which parameters the inner loop adapts is ``adapted_names`` (option ``adapt``): ``all`` (MAML), or
+``head``, the last layer alone (ANIL, Raghu et al. 2020: the body is meta-learned but frozen per task).
 """
 from __future__ import annotations
 
@@ -27,45 +30,40 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from metalstm.data.episodes import EpisodeBatch
+from metalstm.config import choice, count, fraction, positive
+from metalstm.core import EpisodeBatch, TaskSpec
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, Params, TaskSpec, in_tasks_vmap, tasks_vmapped
-from metalstm.meta.base import LossFn, MetaLearner, MetaOutput, key
+from metalstm.learners.base import BaseLearner, Params, in_tasks_vmap, tasks_vmapped
+from metalstm.meta.base import LossFn, MetaConfig, MetaLearner, MetaOutput, key
 
 LEARNED_LR = ("none", "per_layer_per_step", "per_parameter")
 VECTORIZE = ("auto", "vmap", "loop")
+ADAPT = ("all", "head")
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class MAMLConfig:
-    inner_lr: float = 0.01
-    inner_steps: int = 1  # adaptation steps in meta-training
-    test_inner_steps: int = 10  # adaptation steps at validation and test
+class MAMLConfig(MetaConfig):
+    """Defaults: the paper's sinusoid settings, second order, every MAML++ option off."""
+
+    inner_lr: float = positive(0.01)
+    inner_steps: int = count(1, minimum=0)  # adaptation steps in meta-training
+    test_inner_steps: int = count(10, minimum=0)  # adaptation steps at validation and test
     first_order: bool = False
     multi_step_loss: bool = False
-    msl_fraction: float = 0.1  # of meta-training over which the multi-step weights anneal
-    learned_lr: str = "none"  # none | per_layer_per_step (LSLR) | per_parameter (Meta-SGD)
+    msl_fraction: float = fraction(0.1, exclusive=True)  # of meta-training over which the multi-step weights anneal
+    learned_lr: str = choice("none", LEARNED_LR)  # none | per_layer_per_step (LSLR) | per_parameter (Meta-SGD)
     per_step_bn: bool = False
-    first_order_until: float = 0.0  # fraction of meta-training run first-order
+    first_order_until: float = fraction(0.0)  # fraction of meta-training run first-order
+    adapt: str = choice("all", ADAPT)  # all (MAML) | head: the inner loop adapts the last layer only (ANIL)
     # vmap: a meta-batch's tasks adapt together; loop: one task at a time; auto: vmap, except a per-task loop
     # for convolutional learners on CPU (measured faster there, README Performance). Same meta-gradient.
-    vectorize: str = "auto"
+    vectorize: str = choice("auto", VECTORIZE)
 
 
 class MAML(MetaLearner):
     def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec, cfg: MAMLConfig):
         super().__init__(learner, loss_fn)
-        if cfg.inner_lr <= 0:
-            raise ConfigError(f"meta_learner.inner_lr={cfg.inner_lr} must be positive.")
-        if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:
-            raise ConfigError("meta_learner.inner_steps and test_inner_steps must be >= 0.")
-        if cfg.learned_lr not in LEARNED_LR:
-            raise ConfigError(f"meta_learner.learned_lr={cfg.learned_lr!r}; choose one of {list(LEARNED_LR)}.")
-        if not 0 < cfg.msl_fraction <= 1 or not 0 <= cfg.first_order_until <= 1:
-            raise ConfigError("meta_learner.msl_fraction must be in (0, 1] and first_order_until in [0, 1].")
-        if cfg.vectorize not in VECTORIZE:
-            raise ConfigError(f"meta_learner.vectorize={cfg.vectorize!r}; choose one of {list(VECTORIZE)}.")
         self.cfg = cfg
         self.vmap_checked = self.vmap_failed = False  # vmap tried once; a learner it cannot batch falls back
         params = learner.params()
@@ -78,11 +76,16 @@ class MAML(MetaLearner):
             {key(n): nn.Parameter(params[n].detach().clone().expand(steps + 1, *params[n].shape).clone())
              for n in sorted(self.norm_names)} if cfg.per_step_bn else {}
         )
-        self.adapted = [n for n in params if not (cfg.per_step_bn and n in self.norm_names)]
+        self.adapted = self.adapted_names(params)
         if cfg.learned_lr == "per_layer_per_step":
             self.inner_lrs = nn.ParameterDict({key(n): nn.Parameter(torch.full((steps,), cfg.inner_lr)) for n in self.adapted})
         elif cfg.learned_lr == "per_parameter":
             self.inner_lrs = nn.ParameterDict({key(n): nn.Parameter(torch.full_like(params[n], cfg.inner_lr)) for n in self.adapted})
+
+    def adapted_names(self, params: Params) -> list[str]:
+        """The parameters the inner loop adapts; the others are meta-learned and shared by every task."""
+        names = [n for n in params if not (self.cfg.per_step_bn and n in self.norm_names)]
+        return [n for n in names if n in self.learner.head_names()] if self.cfg.adapt == "head" else names
 
     def step_size(self, name: str, step: int) -> Tensor | float:
         if self.cfg.learned_lr == "per_layer_per_step":

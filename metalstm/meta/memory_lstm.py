@@ -21,17 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalstm.data.episodes import EpisodeBatch
-from metalstm.errors import ConfigError
-from metalstm.meta.base import MetaLearner, MetaOutput
+from metalstm.config import choice, count
+from metalstm.core import EpisodeBatch
+from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 
 
 @dataclass
-class MemoryLSTMConfig:
-    hidden: int = 128
-    layers: int = 1
-    labels: str = "previous"  # previous: (x_t, y_{t-1}), Hochreiter/Santoro | current: (x_t, y_t), SNAIL
-    attention: bool = False
+class MemoryLSTMConfig(MetaConfig):
+    hidden: int = count(128)
+    layers: int = count(1)
+    labels: str = choice("previous", ("previous", "current"))  # previous: (x_t, y_t-1), Hochreiter/Santoro | current: (x_t, y_t), SNAIL
+    attention: bool = False  # SNAIL-style soft attention over the support positions
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 
 
@@ -39,10 +39,6 @@ class MemoryLSTM(MetaLearner):
     task_types = ("classification", "regression")  # one label per example fills the label slot
     def __init__(self, learner, loss_fn, spec, cfg: MemoryLSTMConfig):
         super().__init__(learner, loss_fn)
-        if cfg.hidden < 1 or cfg.layers < 1:
-            raise ConfigError("meta_learner.hidden and meta_learner.layers must be >= 1.")
-        if cfg.labels not in ("previous", "current"):
-            raise ConfigError(f"meta_learner.labels={cfg.labels!r}; choose previous (x_t with y_t-1) or current.")
         self.cfg = cfg
         self.classification = spec["task_type"] == "classification"
         self.label_dim = spec["output_dim"]

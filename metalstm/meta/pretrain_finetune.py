@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from metalstm.config import count, positive
+from metalstm.meta.base import MetaConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 
 
 @dataclass
-class PretrainFinetuneConfig:
-    inner_lr: float = 0.01  # fine-tuning step size at test
-    test_inner_steps: int = 10
+class PretrainFinetuneConfig(MetaConfig):
+    inner_lr: float = positive(0.01)  # fine-tuning step size at test
+    test_inner_steps: int = count(10, minimum=0)
 
 
 class PretrainFinetune(MAML):

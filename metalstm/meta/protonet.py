@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metalstm.data.episodes import EpisodeBatch
-from metalstm.meta.base import MetaLearner, MetaOutput
+from metalstm.core import EpisodeBatch
+from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 
 
 @dataclass
-class ProtoNetConfig:
-    pass
+class ProtoNetConfig(MetaConfig):
+    """No settings: the base learner's embedding and the support set define the classifier."""
 
 
 class ProtoNet(MetaLearner):

@@ -21,34 +21,31 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from metalstm.data.episodes import EpisodeBatch
-from metalstm.errors import ConfigError
+from metalstm.config import choice, count, positive, setting
+from metalstm.core import EpisodeBatch
 from metalstm.learners.base import Params
-from metalstm.meta.base import MetaLearner, MetaOutput, key
+from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput, key
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # beta1 = 0, as the paper
 
 
 @dataclass
-class ReptileConfig:
-    inner_lr: float = 0.001
-    inner_optimizer: str = "adam"  # adam (beta1 = 0, as the paper) | sgd
-    inner_steps: int = 5  # meta-training
-    test_inner_steps: int = 50
-    inner_batch_size: int = 10  # support examples per inner step (all, if fewer)
-    outer_lr: float = 1.0  # eps, the meta step size (optim.meta_lr is not used by Reptile)
-    outer_lr_final: float = 0.0
+class ReptileConfig(MetaConfig):
+    """Defaults: the paper's Omniglot settings."""
+
+    inner_lr: float = positive(0.001)
+    inner_optimizer: str = choice("adam", ("adam", "sgd"))  # adam (beta1 = 0, as the paper) | sgd
+    inner_steps: int = count(5, minimum=0)  # meta-training
+    test_inner_steps: int = count(50, minimum=0)
+    inner_batch_size: int = count(10)  # support examples per inner step (all, if fewer)
+    outer_lr: float = positive(1.0)  # eps, the meta step size, annealed linearly to outer_lr_final (optim.meta_lr is not used)
+    outer_lr_final: float = setting(0.0, minimum=0)
     carry_adam_state: bool = True  # inner Adam's second moment carried across tasks, as the paper's code
 
 
 class Reptile(MetaLearner):
     def __init__(self, learner, loss_fn, spec, cfg: ReptileConfig):
         super().__init__(learner, loss_fn)
-        if cfg.inner_optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"meta_learner.inner_optimizer={cfg.inner_optimizer!r}; choose adam or sgd.")
-        for option in ("inner_lr", "outer_lr", "inner_batch_size"):
-            if getattr(cfg, option) <= 0:
-                raise ConfigError(f"meta_learner.{option}={getattr(cfg, option)} must be positive.")
         self.cfg = cfg
         for name, param in learner.params().items():
             self.register_buffer(f"adam_v-{key(name)}", torch.zeros_like(param))

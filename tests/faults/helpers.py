@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONFIG_DIR
-from metalstm.runner import evaluate, run_cli, train
+from metalstm.cli import run_cli
+from metalstm.jobs import evaluate, train
 
 
 def snapshot(*folders: Path) -> dict[str, str]:

@@ -1,0 +1,165 @@
+"""What ``train.py`` and ``eval.py`` do: assemble the run from its config, train or test it, write results."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from metalstm.assembly import (build_module, check_accelerator, instantiate_checked, make_callbacks, make_loggers,
+                               parse, set_matmul_precision)
+from metalstm.checkpointing import (AtomicCheckpointIO, LastCheckpoint, find_checkpoint, load_checkpoint,
+                                    restore_weights, stop_on_sigint)
+from metalstm.cli import experiment_name
+from metalstm.data import FewShotDataModule, build_datamodule
+from metalstm.files import atomic_write
+from metalstm.module import MetaLearningModule
+from metalstm.resume import refuse_existing_run, resumed_config
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def summary_line(summary: dict[str, float]) -> str:
+    n = int(summary.get("test/num_tasks", 0))
+    parts = []
+    for metric, fmt in (("acc", "{:.2f}"), ("token_acc", "{:.2f}"), ("seq_acc", "{:.2f}"), ("mse", "{:.4f}"),
+                        ("point_error", "{:.4f}")):
+        if f"test/{metric}" in summary:
+            mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
+            parts.append(f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)}")
+    return f"{', '.join(parts)} ({n} tasks)" if parts else f"no test metrics ({n} tasks)"
+
+
+def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, config: dict, **extra: Any) -> dict:
+    return {
+        "metrics": module.test_summary,
+        "num_tasks": int(module.test_summary.get("test/num_tasks", 0)),
+        "bn_policy": module.meta_learner.learner.bn_policy,
+        "experiment": config.get("experiment"),
+        "seed": config["seed"],
+        "meta_learner": config["meta_learner"]["name"],
+        "base_learner": config["base_learner"]["name"],
+        "data": datamodule.source.describe(),
+        "episode_seed": datamodule.episodes.episode_seed,
+        "torch": torch.__version__,
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Meta-train, then meta-test the best checkpoint on the fixed test tasks. Returns the best validation metric."""
+    started = time.time()
+    OmegaConf.set_struct(cfg, False)
+    if cfg.get("resume"):
+        config, ckpt_path, resume_step = resumed_config(cfg)
+    else:
+        cfg.experiment = experiment_name()
+        config = OmegaConf.to_container(cfg, resolve=True)
+        ckpt_path, resume_step = None, None
+        refuse_existing_run(Path(config["paths"]["output_dir"]))
+    config.setdefault("run_id", uuid.uuid4().hex[:12])  # names the run on dashboards; resume keeps it
+    output_dir = Path(config["paths"]["output_dir"])
+    settings = parse(config)  # every setting checked, before anything is built or read
+    check_accelerator(str(config["trainer"].get("accelerator", "auto")))
+    set_matmul_precision(settings.run.matmul_precision)
+    pl.seed_everything(settings.run.seed, workers=True, verbose=False)
+
+    module = build_module(settings, settings.spec, config)  # refuses a learner that cannot learn these tasks
+    objective = module.objective
+    callbacks = make_callbacks(config, objective)
+    loggers = make_loggers(config, "train", config["run_id"], resume_step)  # nothing is written until they log
+    trainer: pl.Trainer = instantiate_checked(config["trainer"], "trainer", callbacks=callbacks,
+                                              logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    datamodule = build_datamodule(settings.data, seed=settings.run.seed)  # the first time any data is read
+    for logger in loggers:
+        logger.log_hyperparams(config)  # the full resolved config, on every dashboard
+    log.info("experiment %s: %s on %s, output in %s%s", config["experiment"], config["meta_learner"]["name"],
+             config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
+
+    try:
+        with stop_on_sigint() as interrupts:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        last = next((c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        saved = f"saved {last}" if last is not None and last.is_file() else "no checkpoint (checkpointing is off)"
+        name = "Ctrl-C" if interrupts else "SIGTERM"
+        print(f"\nmetalstm: stopped by {name} at step {trainer.global_step}; {saved}. Continue with:\n"
+              f"  python train.py resume={output_dir}", file=sys.stderr)
+        log.info("stopped by %s at step %d", name, trainer.global_step)
+        sys.exit(128 + (signal.SIGINT if interrupts else signal.SIGTERM))
+    train_seconds = time.time() - started
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    if trainer.global_rank != 0:
+        return None
+    best_score = checkpoint.best_model_score.item() if checkpoint is not None and checkpoint.best_model_score is not None else None
+    results = results_record(
+        module, datamodule, config,
+        checkpoint=os.path.relpath(best, output_dir) if best else None,
+        best_val={f"val/{objective.monitor}": best_score},
+        steps=trainer.global_step,
+        train_seconds=round(train_seconds, 1),
+        total_seconds=round(time.time() - started, 1),
+        device=str(module.device),
+        resumed_at_step=resume_step,
+    )
+    write_json(output_dir / "results.json", results)
+    line = summary_line(module.test_summary)
+    log.info("%s  [results: %s]", line, output_dir / "results.json")
+    tested = best or ("none: checkpointing is off" if checkpoint is None else
+                      "none: no validation ran, so the final weights were tested")
+    print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {tested}\n  results:     {output_dir / 'results.json'}")
+    return best_score
+
+
+# --------------------------------------------------------------------------------------- eval
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Re-evaluate a trained run on its fixed test tasks (optionally with other data/test settings)."""
+    path = find_checkpoint(cfg.get("run_dir"), cfg.get("ckpt_path"))
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["metalstm"]["config"]
+    for group in ("data", "meta_learner"):
+        config[group].update({k: v for k, v in (cfg.get(group) or {}).items() if v is not None})
+    check_accelerator(cfg.accelerator)
+    settings = parse(config)
+    module = build_module(settings, checkpoint["metalstm"].get("spec") or settings.spec, config)
+    restore_weights(module, checkpoint, path)
+    datamodule = build_datamodule(settings.data, seed=settings.run.seed)
+    logger_group = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    loggers = make_loggers({"logger": logger_group, "experiment": config.get("experiment")}, "eval", uuid.uuid4().hex[:12])
+    for logger in loggers:
+        logger.log_hyperparams({**config, "evaluated_checkpoint": str(path.resolve())})
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
+                         inference_mode=False, enable_model_summary=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    results = results_record(module, datamodule, config, checkpoint=str(path.resolve()),
+                             run_dir=str(path.resolve().parent.parent), device=str(module.device))
+    write_json(output_dir / "results.json", results)
+    line = summary_line(module.test_summary)
+    log.info("%s  [results: %s]", line, output_dir / "results.json")
+    print(line)
+    return results
