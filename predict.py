@@ -2,8 +2,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from metalstm.inference import predict_cli
 from metalstm.cli import run_cli
+from metalstm.inference import predict_cli
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")

@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from metalstm.config import Component, Config, choice, count, from_dict
+from metalstm.config import Component, Config, count, from_dict
 from metalstm.core import TaskSpec
 from metalstm.data import DATASETS, FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError, MetalstmError
@@ -25,11 +25,10 @@ MATMUL_PRECISION = ("highest", "high", "medium")
 
 @dataclass
 class RunConfig(Config):
-    """The top-level settings of train.yaml (their defaults are there)."""
+    """The top-level settings of a run that its components read (the default is in train.yaml)."""
 
     group: ClassVar[str] = ""
     seed: int = count(minimum=0)
-    matmul_precision: str = choice("highest", MATMUL_PRECISION)  # highest: exact fp32 | high: TF32 on Ampere+ | medium
 
 
 @dataclass
@@ -53,7 +52,7 @@ SCHEMAS: dict[str, Any] = {"data": DATASETS, "base_learner": BASE_LEARNERS, "met
 def parse(config: dict) -> Settings:
     """Every component's config, checked (types, rules, names, keys), before any data is read."""
     groups = {group: registry.parse(config[group]) for group, registry in SCHEMAS.items()}
-    run = from_dict(RunConfig, {k: config[k] for k in ("seed", "matmul_precision") if k in config}, "")
+    run = RunConfig(seed=config.get("seed"))
     return Settings(**groups, optim=from_dict(OptimConfig, config.get("optim") or {}, "optim"), run=run)
 
 

@@ -47,7 +47,7 @@ class LastCheckpoint(Checkpoint):
     which Lightning runs first, being listed first): resuming then neither repeats nor skips that validation.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 100):
+    def __init__(self, dirpath: str, every_n_steps: int):
         if every_n_steps < 1:
             raise ConfigError(f"callbacks.last_checkpoint.every_n_steps={every_n_steps} must be a positive integer.")
         self.path = Path(dirpath) / "last.ckpt"
@@ -115,10 +115,14 @@ def find_checkpoint(run_dir: str | None, ckpt_path: str | None) -> Path:
     if ckpt_path:
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist. Pass a .ckpt file of a metalstm run, or run_dir=<run folder>.")
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} does not exist. Pass a .ckpt file of a metalstm run, or run_dir=<run folder>."
+            )
         return path
     if not run_dir:
-        raise ConfigError("eval.py needs run_dir=<a train run folder, e.g. outputs/2026-01-01/12-00-00> or ckpt_path=<file.ckpt>.")
+        raise ConfigError(
+            "eval.py needs run_dir=<a train run folder, e.g. outputs/2026-01-01/12-00-00> or ckpt_path=<file.ckpt>."
+        )
     folder = Path(run_dir).expanduser()
     for name in ("best.ckpt", "last.ckpt"):
         if (folder / "checkpoints" / name).is_file():

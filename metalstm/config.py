@@ -96,7 +96,8 @@ def describe(hint: Any, rule: Rule, plural: bool = False) -> str:
         noun = {int: "whole number", float: "number"}[hint] + s
         if rule.minimum is not None and rule.maximum is not None:
             low = "(" if rule.exclusive else "["
-            text = f"a {noun} in {low}{rule.minimum:g}, {rule.maximum:g}]" if not plural else f"{noun} in {low}{rule.minimum:g}, {rule.maximum:g}]"
+            text = f"{noun} in {low}{rule.minimum:g}, {rule.maximum:g}]"
+            text = text if plural else f"a {text}"
         elif rule.minimum == 0 and rule.exclusive:
             text = f"positive ({'numbers' if plural else 'a number'} > 0)"
         elif rule.minimum is not None:

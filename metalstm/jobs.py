@@ -17,10 +17,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from metalstm.assembly import (build_module, check_accelerator, instantiate_checked, make_callbacks, make_loggers,
-                               parse, set_matmul_precision)
-from metalstm.checkpointing import (AtomicCheckpointIO, LastCheckpoint, find_checkpoint, load_checkpoint,
-                                    restore_weights, stop_on_sigint)
+from metalstm.assembly import (
+    build_module,
+    check_accelerator,
+    instantiate_checked,
+    make_callbacks,
+    make_loggers,
+    parse,
+    set_matmul_precision,
+)
+from metalstm.checkpointing import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    find_checkpoint,
+    load_checkpoint,
+    restore_weights,
+    stop_on_sigint,
+)
 from metalstm.cli import experiment_name
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.files import atomic_write
@@ -81,7 +94,7 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = Path(config["paths"]["output_dir"])
     settings = parse(config)  # every setting checked, before anything is built or read
     check_accelerator(str(config["trainer"].get("accelerator", "auto")))
-    set_matmul_precision(settings.run.matmul_precision)
+    set_matmul_precision(config.get("matmul_precision"))
     pl.seed_everything(settings.run.seed, workers=True, verbose=False)
 
     module = build_module(settings, settings.spec, config)  # refuses a learner that cannot learn these tasks
@@ -113,7 +126,8 @@ def train(cfg: DictConfig) -> float | None:
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     if trainer.global_rank != 0:
         return None
-    best_score = checkpoint.best_model_score.item() if checkpoint is not None and checkpoint.best_model_score is not None else None
+    score = checkpoint.best_model_score if checkpoint is not None else None
+    best_score = score.item() if score is not None else None
     results = results_record(
         module, datamodule, config,
         checkpoint=os.path.relpath(best, output_dir) if best else None,

@@ -12,11 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, fixture_overrides
+from metalstm.assembly import build, check_accelerator, make_callbacks, make_loggers
 from metalstm.data import DATASETS
 from metalstm.errors import ConfigError
 from metalstm.learners import BASE_LEARNERS
 from metalstm.meta import META_LEARNERS
-from metalstm.assembly import build, check_accelerator, make_callbacks, make_loggers
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -124,7 +124,8 @@ def test_cosine_schedule_needs_max_steps(tmp_path):
 
 @pytest.mark.parametrize("meta", ["protonet", "memory_lstm", "reptile", "lstm_optimizer"])
 def test_another_meta_learner_on_a_maml_experiment_keeps_what_applies(meta, tmp_path, omniglot_fixture, cache_dir):
-    cfg = compose_train(["+experiment=omniglot_5way", f"meta_learner={meta}", *fixture_overrides(omniglot_fixture, cache_dir)], tmp_path)
+    overrides = ["+experiment=omniglot_5way", f"meta_learner={meta}", *fixture_overrides(omniglot_fixture, cache_dir)]
+    cfg = compose_train(overrides, tmp_path)
     assert "inner_lr" in cfg.meta_learner  # the experiment's MAML settings are in the composed config...
     module, _ = build(OmegaConf.to_container(cfg, resolve=True))  # ...and dropped where they do not apply
     assert type(module.meta_learner).__name__.lower().replace("_", "") == meta.replace("_", "")

@@ -8,8 +8,8 @@ import sys
 import torch
 
 from conftest import REPO, fixture_overrides, run_script
-from metalstm.data.episodes import EpisodeBatch
 from metalstm.assembly import build
+from metalstm.data.episodes import EpisodeBatch
 
 
 def test_two_process_ddp_gives_the_single_process_meta_gradient(tmp_path):

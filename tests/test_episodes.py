@@ -1,12 +1,12 @@
 """Episode invariants: shapes, per-task labels, support/query disjoint, splits disjoint, fixed test tasks."""
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from metalstm.data import EpisodeConfig, FewShotDataModule
-from metalstm.data.episodes import FixedEpisodes, TrainEpisodes
 from metalstm.data.class_tasks import ClassTasks
+from metalstm.data.episodes import FixedEpisodes, TrainEpisodes
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot, split_characters
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalstm.errors import ConfigError
@@ -126,7 +126,8 @@ def test_train_stream_resumed_at_a_step_continues_the_same_tasks():
 
 
 def test_datamodule_serves_fixed_val_and_test():
-    dm = FewShotDataModule(coded_tasks(), EpisodeConfig(meta_batch_size=4, val_tasks=10, test_tasks=12, eval_batch_size=5), seed=0)
+    config = EpisodeConfig(meta_batch_size=4, val_tasks=10, test_tasks=12, eval_batch_size=5)
+    dm = FewShotDataModule(coded_tasks(), config, seed=0)
     assert [b.num_tasks for b in dm.test_dataloader()] == [5, 5, 2]
     assert sum(b.num_tasks for b in dm.val_dataloader()) == 10
     assert next(iter(dm.train_dataloader())).num_tasks == 4
@@ -136,7 +137,7 @@ def test_datamodule_serves_fixed_val_and_test():
     "kw, key",
     [({"ways": 7}, "data.ways=7"), ({"shots": 10, "eval_query": 15}, "data.eval_query")],
 )
-def test_episode_settings_the_data_cannot_serve_are_rejected(kw, key):  # (a zero count: tests/test_config_rules.py)
+def test_episode_settings_the_data_cannot_serve_are_rejected(kw, key):  # (a zero count: tests/faults/test_config_rules.py)
     with pytest.raises(ConfigError, match=key):
         coded_tasks(**kw)
 

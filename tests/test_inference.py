@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import run_script
 from metalstm import load_learner
-from metalstm.errors import DataError
 from metalstm.assembly import build
+from metalstm.errors import DataError
 from test_meta_learners import METHODS, tiny_config
 
 

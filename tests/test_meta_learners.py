@@ -1,21 +1,22 @@
 """The meta-learner zoo: every combination trains or is refused, and each algorithm's defining math."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 import lightning.pytorch as pl
 import pytest
 import torch
-from dataclasses import fields
-
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, fixture_overrides
-from metalstm.data import DATASETS
+from metalstm.assembly import build
+from metalstm.config import default_of, rule_of
 from metalstm.core import EpisodeBatch
+from metalstm.data import DATASETS
 from metalstm.data.class_tasks import ClassTasks
 from metalstm.errors import ConfigError
-from metalstm.config import default_of, rule_of
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
@@ -25,7 +26,7 @@ from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
 from metalstm.objectives import Classification
-from metalstm.assembly import build
+
 
 def group_options(group: str) -> list[str]:
     """Every choice Hydra offers for ``group``: the registries' entries and the YAML variants (fomaml, anil, ...)."""
@@ -62,7 +63,8 @@ def refused(meta: str, base: str, data: str) -> bool:
     """What the registry says: the base learner cannot read these tasks, or the meta-learner cannot learn them."""
     spec, meta_name = default_spec(data), compose_meta_name(meta)
     base_config, base_class = BASE_LEARNERS[base]
-    return base_class.refusal(base_config(), spec) is not None or refusal(META_LEARNERS[meta_name].impl, meta_name, spec) is not None
+    meta_refusal = refusal(META_LEARNERS[meta_name].impl, meta_name, spec)
+    return base_class.refusal(base_config(), spec) is not None or meta_refusal is not None
 
 
 def compose_meta_name(option: str) -> str:

@@ -57,7 +57,8 @@ def test_sweep_then_compare_runs_report(tmp_path):
     report = sweep_dir / "report"
     table = rows(report / "runs.csv")
     assert len(table) == 4
-    assert {(r["meta_learner.inner_lr"], r["seed"]) for r in table} == {("0.01", "1"), ("0.01", "2"), ("0.02", "1"), ("0.02", "2")}
+    grid = {(r["meta_learner.inner_lr"], r["seed"]) for r in table}
+    assert grid == {("0.01", "1"), ("0.01", "2"), ("0.02", "1"), ("0.02", "2")}
     assert all(re.fullmatch(r"[\d.]+ ± [\d.e+-]+", r["test/mse"]) and r["status"] == "done" for r in table)
     assert "| meta_learner.inner_lr | seed |" in (report / "runs.md").read_text()
     seeds = rows(report / "seeds.csv")

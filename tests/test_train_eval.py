@@ -85,7 +85,7 @@ def test_ddp_on_cpu_counts_each_test_task_once(tmp_path):
                         "data.test_tasks=51", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)  # exactly one folder: the second rank wrote into the first one's
-    line = next(l for l in result.stdout.splitlines() if l.startswith("test/mse ="))
+    line = next(s for s in result.stdout.splitlines() if s.startswith("test/mse ="))
     assert line.endswith("(51 tasks)")
     single = run_script("eval.py", f"run_dir={run}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from metalstm.config import Component, Registry
+from metalstm.core import TaskSource
 from metalstm.data.episodes import EpisodeConfig, FixedEpisodes, TrainEpisodes
 from metalstm.data.image_folder import ImageFolderConfig, build_image_folder
 from metalstm.data.mini_imagenet import MiniImageNetConfig, build_mini_imagenet
@@ -17,7 +18,6 @@ from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot_strokes
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
-from metalstm.core import TaskSource
 from metalstm.errors import ConfigError
 
 # name -> (config dataclass, builder: config -> TaskSource)

@@ -23,8 +23,16 @@ import torch
 from metalstm.config import choice, count, setting
 from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
 from metalstm.data.episodes import SPLITS
-from metalstm.data.images import (IMAGE_SUFFIXES, cache_folders, cache_name, cached, file_listing, image_files,
-                                  read_image, stack_classes)
+from metalstm.data.images import (
+    IMAGE_SUFFIXES,
+    cache_folders,
+    cache_name,
+    cached,
+    file_listing,
+    image_files,
+    read_image,
+    stack_classes,
+)
 from metalstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -37,7 +45,8 @@ class ImageFolderConfig(ClassEpisodeConfig):
     image_size: int = count(84, minimum=4)
     channels: int = choice(3, (1, 3))  # 1: grayscale, 3: RGB
     invert: bool = False
-    class_split: list[float] = setting(factory=lambda: [0.64, 0.16, 0.20], minimum=0, exclusive=True)  # train/val/test shares of the classes (ignored with train|val|test folders)
+    # train/val/test shares of the classes (ignored with train|val|test folders)
+    class_split: list[float] = setting(factory=lambda: [0.64, 0.16, 0.20], minimum=0, exclusive=True)
     split_seed: int = count(0, minimum=0)
     cache_dir: str | None = None  # null: ~/.cache/metalstm
     rotate_splits: list[str] = setting(factory=list, choices=SPLITS)

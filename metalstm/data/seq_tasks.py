@@ -19,6 +19,7 @@ from metalstm.config import count, setting
 from metalstm.core import PAD, EpisodeBatch, TaskSpec
 from metalstm.data.episodes import EpisodeConfig
 from metalstm.errors import ConfigError
+
 FAMILIES = ("cipher", "reverse", "rotate", "cipher+reverse", "cipher+rotate")
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
 

@@ -80,7 +80,9 @@ class MAML(MetaLearner):
         if cfg.learned_lr == "per_layer_per_step":
             self.inner_lrs = nn.ParameterDict({key(n): nn.Parameter(torch.full((steps,), cfg.inner_lr)) for n in self.adapted})
         elif cfg.learned_lr == "per_parameter":
-            self.inner_lrs = nn.ParameterDict({key(n): nn.Parameter(torch.full_like(params[n], cfg.inner_lr)) for n in self.adapted})
+            self.inner_lrs = nn.ParameterDict(
+                {key(n): nn.Parameter(torch.full_like(params[n], cfg.inner_lr)) for n in self.adapted}
+            )
 
     def adapted_names(self, params: Params) -> list[str]:
         """The parameters the inner loop adapts; the others are meta-learned and shared by every task."""

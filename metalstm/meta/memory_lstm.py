@@ -30,7 +30,8 @@ from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 class MemoryLSTMConfig(MetaConfig):
     hidden: int = count(128)
     layers: int = count(1)
-    labels: str = choice("previous", ("previous", "current"))  # previous: (x_t, y_t-1), Hochreiter/Santoro | current: (x_t, y_t), SNAIL
+    # previous: (x_t, y_t-1), Hochreiter/Santoro | current: (x_t, y_t), SNAIL
+    labels: str = choice("previous", ("previous", "current"))
     attention: bool = False  # SNAIL-style soft attention over the support positions
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import CONFIG_DIR, fixture_overrides, make_omniglot, make_strokes
-from metalstm.jobs import train
 from helpers import assert_one_clear_message, cli, copy_fixture, edited_zip, snapshot
+from metalstm.jobs import train
 
 BACKGROUND = "images_background.zip"
 

@@ -15,9 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_script
-from metalstm.resume import resumable_run
 from metalstm.errors import CheckpointError
-from metalstm.resume import resumed_config
+from metalstm.resume import resumable_run, resumed_config
 from test_train_eval import run_dir_of
 
 RUN = ["trainer.max_steps=240", "trainer.val_check_interval=60", "callbacks.last_checkpoint.every_n_steps=30",
