@@ -59,6 +59,9 @@ class OmniglotStrokesConfig(ClassEpisodeConfig):
     eval_batch_size: int = count(50)
 
     def check(self) -> None:
+        if self.task == "complete" and self.train_shots is not None:
+            self.refuse(f"data.train_shots={self.train_shots} applies to classification; data.task=complete adapts on "
+                        "data.shots drawings in training and at test. Remove data.train_shots.")
         shots = self.shots if self.train_shots is None else self.train_shots
         needed = max(shots + self.query, self.shots + self.eval_query)
         if needed > DRAWINGS_PER_CHARACTER:

@@ -36,6 +36,12 @@ def test_impossible_config_is_refused_before_the_data_is_read(overrides, words, 
     assert_one_clear_message(code, err, *words)
 
 
+def test_a_classification_setting_on_stroke_completion_is_refused(tmp_path, capsys):
+    code, err = cli("train", ["+experiment=strokes_completion", f"data.root={tmp_path / 'absent'}", "data.download=false",
+                              "data.train_shots=3"], tmp_path / "run", capsys)
+    assert_one_clear_message(code, err, "data.train_shots=3", "data.task=complete", "Remove data.train_shots")
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["data.ways=60"], ["data.ways=60", "classes of the", "split"]),
     (["base_learner=conv4"], ["conv4", "base_learner=mlp"]),  # a CNN cannot read sinusoid points
