@@ -39,6 +39,7 @@ class TaskSpec(TypedDict):
     output_dim: int  # ways for classification, target size for regression, vocabulary for seq2seq
     vocab: NotRequired[int]  # inputs are token ids 0..vocab-1 (PAD = padding)
     output_length: NotRequired[int]  # targets are sequences of this many steps
+    train_ways: NotRequired[int]  # classification: meta-training tasks have this many classes, not output_dim
 
 
 class TaskSource(Protocol):

@@ -1,6 +1,7 @@
 """Writing files so that a crash or a kill mid-write leaves the previous version intact."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,3 +27,10 @@ def atomic_write(path: str | Path, mode: str = "w", fsync: bool = False, **open_
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """``data`` as indented JSON, written atomically."""
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

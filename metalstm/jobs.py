@@ -1,7 +1,6 @@
 """What ``train.py`` and ``eval.py`` do: assemble the run from its config, train or test it, write results."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from metalstm.assembly import (
+    Settings,
     build_module,
     check_accelerator,
     instantiate_checked,
@@ -36,17 +36,12 @@ from metalstm.checkpointing import (
 )
 from metalstm.cli import experiment_name
 from metalstm.data import FewShotDataModule, build_datamodule
-from metalstm.files import atomic_write
+from metalstm.errors import ConfigError
+from metalstm.files import write_json
 from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
 
 log = logging.getLogger(__name__)
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_write(path) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def summary_line(summary: dict[str, float]) -> str:
@@ -150,6 +145,16 @@ def train(cfg: DictConfig) -> float | None:
 # --------------------------------------------------------------------------------------- eval
 
 
+def check_test_ways(settings: Settings, trained_spec: dict) -> None:
+    """``data.ways`` at evaluation may differ from training only for a method without an output per class."""
+    ways, trained = settings.spec.get("output_dim"), trained_spec.get("output_dim")
+    if ways != trained and not settings.meta_learner.impl.any_ways:
+        raise ConfigError(
+            f"data.ways={ways}: this run's meta-learner ({settings.meta_learner.name}) has an output for each of the "
+            f"{trained} classes it was trained for, so it is tested on {trained}-way tasks. Remove data.ways, or "
+            f"train a run for {ways}-way tasks.")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Re-evaluate a trained run on its fixed test tasks (optionally with other data/test settings)."""
     path = find_checkpoint(cfg.get("run_dir"), cfg.get("ckpt_path"))
@@ -159,7 +164,9 @@ def evaluate(cfg: DictConfig) -> dict:
         config[group].update({k: v for k, v in (cfg.get(group) or {}).items() if v is not None})
     check_accelerator(cfg.accelerator)
     settings = parse(config)
-    module = build_module(settings, checkpoint["metalstm"].get("spec") or settings.spec, config)
+    trained_spec = checkpoint["metalstm"].get("spec") or settings.spec
+    check_test_ways(settings, trained_spec)
+    module = build_module(settings, trained_spec, config)
     restore_weights(module, checkpoint, path)
     datamodule = build_datamodule(settings.data, seed=settings.run.seed)
     logger_group = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None

@@ -12,13 +12,13 @@ from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
 from metalstm.checkpointing import CHECKPOINT_FORMAT
-from metalstm.config import Config, choice, defaults_of, positive, setting
+from metalstm.config import Config, choice, count, defaults_of, fraction, positive, setting
 from metalstm.core import EpisodeBatch
 from metalstm.errors import ConfigError, MetalstmError
 from metalstm.meta.base import MetaLearner
 from metalstm.objectives import Objective, normal_ci95
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass
@@ -28,8 +28,11 @@ class OptimConfig(Config):
     group: ClassVar[str] = "optim"
     meta_lr: float = positive(1e-3)  # Adam step size of the outer loop
     grad_clip: float | None = positive(None)  # max L2 norm of the meta-gradient (clipped inside the step); null: none
-    lr_schedule: str = choice("constant", SCHEDULES)  # constant | cosine (from meta_lr to min_lr over trainer.max_steps)
+    # constant | cosine (from meta_lr to min_lr over trainer.max_steps) | step (times lr_decay every lr_step_size steps)
+    lr_schedule: str = choice("constant", SCHEDULES)
     min_lr: float = setting(0.0, minimum=0)
+    lr_step_size: int = count(2000)  # step schedule: steps between decays (Snell et al.: 2000 episodes)
+    lr_decay: float = fraction(0.5, exclusive=True)  # step schedule: factor per decay
 
 
 ConfigStore.instance().store(group="optim", name="default", node=defaults_of(OptimConfig))
@@ -62,6 +65,9 @@ class MetaLearningModule(pl.LightningModule):
         optimizer = self.meta_learner.outer_optimizer(self.optim.meta_lr)
         if self.optim.lr_schedule == "constant":
             return optimizer
+        if self.optim.lr_schedule == "step":
+            step = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.optim.lr_step_size, gamma=self.optim.lr_decay)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "interval": "step"}}
         if self.trainer.max_steps <= 0:
             raise ConfigError("optim.lr_schedule=cosine needs trainer.max_steps (the length of the schedule).")
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_steps, eta_min=self.optim.min_lr)

@@ -214,3 +214,16 @@ def test_datamodule_moves_the_examples_to_the_training_device():
     dm.setup("fit")
     assert dm.source.images.device == dm.trainer.strategy.root_device
     assert next(iter(dm.train_dataloader())).support_x.device == dm.trainer.strategy.root_device
+
+
+def test_train_ways_sets_the_classes_of_training_tasks_only():
+    tasks = coded_tasks(train_ways=12)
+    generator = torch.Generator().manual_seed(0)
+    train, val = tasks.sample("train", 3, generator), tasks.sample("val", 3, generator)
+    assert train.support_y.shape == (3, 12 * 2) and train.query_y.shape == (3, 12 * 3)
+    assert val.support_y.shape == (3, 5 * 2) and val.query_y.shape == (3, 5 * 4)
+    classes, _ = decode(train.support_x)
+    assert all(len(set(task.tolist())) == 12 for task in classes)  # 12 distinct training classes per task
+    assert tasks.spec["train_ways"] == 12 and tasks.spec["output_dim"] == 5
+    with pytest.raises(ConfigError, match="data.train_ways=19 is more than the 18 classes of the train split"):
+        coded_tasks(train_ways=19)

@@ -18,6 +18,7 @@ class ClassEpisodeConfig(EpisodeConfig):
     """N-way K-shot classification episodes; the data set's config adds where its examples come from."""
 
     ways: int = count(5)
+    train_ways: int | None = count(None)  # classes per meta-training task (ProtoNet trains 60-way); null: = ways
     shots: int = count(1)
     train_shots: int | None = count(None)  # support shots in meta-training (Reptile uses more); null: = shots
     query: int = count(15)  # per class, meta-training
@@ -28,7 +29,14 @@ class ClassEpisodeConfig(EpisodeConfig):
         raise NotImplementedError
 
     def spec(self) -> TaskSpec:
-        return {"task_type": "classification", "input_shape": self.example_shape(), "output_dim": self.ways}
+        return class_spec(self.example_shape(), self.ways, self.train_ways)
+
+
+def class_spec(input_shape: tuple[int, ...], ways: int, train_ways: int | None) -> TaskSpec:
+    spec: TaskSpec = {"task_type": "classification", "input_shape": tuple(input_shape), "output_dim": ways}
+    if train_ways is not None and train_ways != ways:
+        spec["train_ways"] = train_ways
+    return spec
 
 
 class ClassTasks:
@@ -57,11 +65,13 @@ class ClassTasks:
         info: dict | None = None,
         train_shots: int | None = None,
         counts: Tensor | None = None,
+        train_ways: int | None = None,
     ):
         if (images.dtype == torch.uint8) != (images.dim() == 5) or images.dim() < 3:
             raise ValueError("examples must be uint8 images [classes, samples, channels, H, W] or float [classes, samples, ...]")
         self.images, self.ways, self.shots = images, ways, shots
         self.train_shots = shots if train_shots is None else train_shots
+        self.train_ways = ways if train_ways is None else train_ways
         self.query, self.eval_query = query, eval_query
         self.split_classes = {s: torch.as_tensor(c, dtype=torch.long) for s, c in split_classes.items()}
         self.rotate_splits = tuple(rotate_splits)
@@ -81,10 +91,12 @@ class ClassTasks:
         per_class = self.images.shape[1] if self.counts is None else int(self.counts.min())
         for split in SPLITS:
             available = self.num_classes(split)
-            if self.ways > available:
+            ways, w_key = (self.train_ways, "train_ways") if split == "train" and self.train_ways != self.ways else (
+                self.ways, "ways")
+            if ways > available:
                 raise ConfigError(
-                    f"data.ways={self.ways} is more than the {available} classes of the {split} split; "
-                    f"lower data.ways or choose a split with more classes."
+                    f"data.{w_key}={ways} is more than the {available} classes of the {split} split; "
+                    f"lower data.{w_key} or choose a split with more classes."
                 )
             shots, key = (self.train_shots, "train_shots") if split == "train" else (self.shots, "shots")
             query, q_key = (self.query, "query") if split == "train" else (self.eval_query, "eval_query")
@@ -97,7 +109,7 @@ class ClassTasks:
 
     @property
     def spec(self) -> TaskSpec:
-        return {"task_type": self.task_type, "input_shape": tuple(self.images.shape[2:]), "output_dim": self.ways}
+        return class_spec(tuple(self.images.shape[2:]), self.ways, self.train_ways)
 
     def to(self, device: torch.device | str) -> ClassTasks:
         """Keep the examples on ``device`` (one tensor; Omniglot at 28 px is 25 MB): episodes are gathered there,
@@ -112,12 +124,14 @@ class ClassTasks:
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
         n_rot = 4 if split in self.rotate_splits else 1
         classes = self.split_classes[split]
-        shots, query = (self.train_shots, self.query) if split == "train" else (self.shots, self.eval_query)
+        train = split == "train"
+        shots, query = (self.train_shots, self.query) if train else (self.shots, self.eval_query)
+        ways = self.train_ways if train else self.ways
         per_task = shots + query
         # ways distinct (class, rotation) pairs per task; their order is the task's label order
-        virtual = torch.rand(num_tasks, len(classes) * n_rot, generator=generator).argsort(1)[:, : self.ways]
+        virtual = torch.rand(num_tasks, len(classes) * n_rot, generator=generator).argsort(1)[:, :ways]
         base, rotation = classes[virtual // n_rot], virtual % n_rot  # [B, N]
-        scores = torch.rand(num_tasks, self.ways, self.images.shape[1], generator=generator)
+        scores = torch.rand(num_tasks, ways, self.images.shape[1], generator=generator)
         if self.counts is not None:  # padding slots sort last, never drawn
             scores.masked_fill_(torch.arange(self.images.shape[1]) >= self.counts[base].unsqueeze(-1), 2.0)
         draws = scores.argsort(-1)[..., :per_task]
@@ -130,7 +144,7 @@ class ClassTasks:
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
         shape = x.shape[3:]
-        labels = torch.arange(self.ways, device=device)
+        labels = torch.arange(ways, device=device)
         return EpisodeBatch(
             support_x=x[:, :, :shots].reshape(num_tasks, -1, *shape),
             support_y=labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous(),
@@ -142,6 +156,7 @@ class ClassTasks:
         return {
             **self.info,
             "ways": self.ways,
+            "train_ways": self.train_ways,
             "shots": self.shots,
             "train_shots": self.train_shots,
             "query": self.query,

@@ -127,7 +127,7 @@ def build_image_folder(cfg: ImageFolderConfig) -> ClassTasks:
                      "test": torch.arange(sizes["train"] + sizes["val"], len(ordered))}
     return ClassTasks(
         images, split_classes, ways=cfg.ways, shots=cfg.shots, query=cfg.query, eval_query=cfg.eval_query,
-        train_shots=cfg.train_shots, rotate_splits=cfg.rotate_splits, counts=counts,
+        train_shots=cfg.train_shots, train_ways=cfg.train_ways, rotate_splits=cfg.rotate_splits, counts=counts,
         info={"dataset": "image_folder", "root": str(root), "image_size": cfg.image_size, "channels": cfg.channels,
               "class_names": {s: [p.name for p in splits[s]] for s in SPLITS}},
     )

@@ -141,7 +141,7 @@ def build_mini_imagenet(cfg: MiniImageNetConfig) -> ClassTasks:
     split_classes = {s: torch.arange(start, start + n) for s, start, n in zip(SPLITS, starts, sizes)}
     return ClassTasks(
         data["images"], split_classes, ways=cfg.ways, shots=cfg.shots, query=cfg.query, eval_query=cfg.eval_query,
-        train_shots=cfg.train_shots, counts=data["counts"],
+        train_shots=cfg.train_shots, train_ways=cfg.train_ways, counts=data["counts"],
         info={"dataset": "mini_imagenet", "root": str(cfg.root), "image_size": cfg.image_size,
               "classes_per_split": dict(zip(SPLITS, sizes))},
     )

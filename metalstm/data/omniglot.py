@@ -78,7 +78,7 @@ def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
         shots=cfg.shots,
         query=cfg.query,
         eval_query=cfg.eval_query,
-        train_shots=cfg.train_shots,
+        train_shots=cfg.train_shots, train_ways=cfg.train_ways,
         rotate_splits=cfg.rotate_splits,
         info={"dataset": "omniglot", "split": cfg.split, "image_size": cfg.image_size, "root": str(cfg.root)},
     )

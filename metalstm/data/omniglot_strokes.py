@@ -59,9 +59,10 @@ class OmniglotStrokesConfig(ClassEpisodeConfig):
     eval_batch_size: int = count(50)
 
     def check(self) -> None:
-        if self.task == "complete" and self.train_shots is not None:
-            self.refuse(f"data.train_shots={self.train_shots} applies to classification; data.task=complete adapts on "
-                        "data.shots drawings in training and at test. Remove data.train_shots.")
+        for key in ("train_shots", "train_ways"):
+            if self.task == "complete" and getattr(self, key) is not None:
+                self.refuse(f"data.{key}={getattr(self, key)} applies to classification; data.task=complete adapts on "
+                            f"data.shots drawings in training and at test. Remove data.{key}.")
         shots = self.shots if self.train_shots is None else self.train_shots
         needed = max(shots + self.query, self.shots + self.eval_query)
         if needed > DRAWINGS_PER_CHARACTER:
@@ -191,4 +192,5 @@ def build_omniglot_strokes(cfg: OmniglotStrokesConfig) -> ClassTasks | StrokeCom
     if cfg.task == "complete":
         return StrokeCompletionTasks(drawings, splits, cfg.shots, cfg.query, cfg.eval_query, info)
     return ClassTasks(drawings, {s: torch.tensor(v) for s, v in splits.items()}, ways=cfg.ways, shots=cfg.shots,
-                      query=cfg.query, eval_query=cfg.eval_query, train_shots=cfg.train_shots, info=info)
+                      query=cfg.query, eval_query=cfg.eval_query, train_shots=cfg.train_shots,
+                      train_ways=cfg.train_ways, info=info)

@@ -28,10 +28,14 @@ META_LEARNERS.register("pretrain_finetune", PretrainFinetuneConfig, PretrainFine
 
 def refusal(meta: type[MetaLearner], name: str, spec: TaskSpec) -> str | None:
     """Why meta-learner ``meta`` cannot learn tasks of ``spec``, or None if it can."""
-    if spec["task_type"] in meta.task_types:
-        return None
-    return (f"meta_learner={name} learns {' or '.join(meta.task_types)} tasks, but this data set's tasks are "
-            f"{spec['task_type']}; choose another meta-learner or data set.")
+    if spec["task_type"] not in meta.task_types:
+        return (f"meta_learner={name} learns {' or '.join(meta.task_types)} tasks, but this data set's tasks are "
+                f"{spec['task_type']}; choose another meta-learner or data set.")
+    if "train_ways" in spec and not meta.any_ways:
+        return (f"data.train_ways={spec['train_ways']}: meta_learner={name} has an output per class, so it meta-trains "
+                f"on tasks of as many classes as it is tested on (data.ways={spec['output_dim']}). Remove "
+                f"data.train_ways, or use a method that classifies any number of classes (protonet).")
+    return None
 
 
 def build_meta_learner(meta: Component, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec) -> MetaLearner:

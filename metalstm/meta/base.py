@@ -39,6 +39,7 @@ class MetaLearner(nn.Module, ABC):
     """
 
     task_types: tuple[str, ...] = ("classification", "regression", "seq2seq", "forecast")  # what it can learn
+    any_ways: bool = False  # classifies tasks of any number of classes (no output layer per class)
 
     def __init__(self, learner: BaseLearner, loss_fn: LossFn):
         super().__init__()
