@@ -59,7 +59,7 @@ def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, co
     return {
         "metrics": module.test_summary,
         "num_tasks": int(module.test_summary.get("test/num_tasks", 0)),
-        "bn_policy": module.meta_learner.learner.bn_policy,
+        "bn_policy": module.meta_learner.bn_policy,
         "experiment": config.get("experiment"),
         "seed": config["seed"],
         "meta_learner": config["meta_learner"]["name"],

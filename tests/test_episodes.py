@@ -7,7 +7,7 @@ import torch
 from metalstm.data import EpisodeConfig, FewShotDataModule
 from metalstm.data.class_tasks import ClassTasks
 from metalstm.data.episodes import FixedEpisodes, TrainEpisodes
-from metalstm.data.omniglot import OmniglotConfig, build_omniglot, split_characters
+from metalstm.data.omniglot import OmniglotConfig, build_omniglot, load_omniglot, split_characters
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalstm.errors import ConfigError
 
@@ -227,3 +227,31 @@ def test_train_ways_sets_the_classes_of_training_tasks_only():
     assert tasks.spec["train_ways"] == 12 and tasks.spec["output_dim"] == 5
     with pytest.raises(ConfigError, match="data.train_ways=19 is more than the 18 classes of the train split"):
         coded_tasks(train_ways=19)
+
+
+def test_within_group_tasks_draw_every_class_from_one_group():
+    groups = torch.arange(CLASSES) // 6  # train classes 0-17: groups 0, 1, 2 ("alphabets" of 6 characters)
+    tasks = coded_tasks(groups=groups)
+    batch = tasks.sample("train", 200, torch.Generator().manual_seed(0))
+    classes, _ = decode(batch.support_x)
+    per_task = groups[classes]
+    assert (per_task == per_task[:, :1]).all()  # one group per task
+    assert set(per_task[:, 0].tolist()) == {0, 1, 2}  # every group with enough classes is drawn
+    assert all(len(set(task.tolist())) == 5 for task in classes)
+    assert tasks.describe()["within_groups"] is True
+    plain = coded_tasks().sample("train", 200, torch.Generator().manual_seed(0))
+    assert (groups[decode(plain.support_x)[0]] != groups[decode(plain.support_x)[0]][:, :1]).any()
+    with pytest.raises(ConfigError, match="largest alphabet of the train split has 6 classes"):
+        coded_tasks(groups=groups, ways=7)
+
+
+def test_omniglot_within_alphabet_tasks(omniglot_fixture, cache_dir):
+    cfg = OmniglotConfig(root=str(omniglot_fixture), cache_dir=str(cache_dir), split="lake", download=False,
+                         within_alphabet=True, rotate_splits=[])
+    tasks = build_omniglot(cfg)
+    batch = tasks.sample("test", 20, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape[:2] == (20, 5)
+    _, names = load_omniglot(omniglot_fixture, 28, True, False, str(cache_dir))
+    alphabet_of = [n.rsplit("/", 1)[0] for n in names]
+    pairs = {(alphabet_of[i], int(tasks.groups[i])) for i in range(len(names))}
+    assert len(pairs) == len(set(alphabet_of)) == len(set(tasks.groups.tolist())) == 8  # group = alphabet, one to one

@@ -317,3 +317,28 @@ def test_pretrain_finetune_trains_without_inner_loop_and_fine_tunes_at_test():
     plain = torch.stack([baseline.learner(qx) for qx in batch.query_x])
     assert torch.allclose(out.query_outputs, plain)  # training: the network itself, no adaptation
     assert not torch.allclose(baseline.predict(batch), plain)  # test: fine-tuned on the support set
+
+
+def test_reptile_non_transductive_test_scores_each_query_with_the_support_set_alone():
+    """transductive=false (Nichol et al.): a query's output is that of the batch [support; query], so it does not
+    depend on the other queries; transductive=true shares BatchNorm statistics between the queries."""
+    spec = {"task_type": "classification", "input_shape": (1, 8, 8), "output_dim": 5}
+    torch.manual_seed(0)
+    learner = Conv4(Conv4Config(filters=4, blocks=2), spec)
+    batch = EpisodeBatch(torch.randn(2, 5, 1, 8, 8), torch.arange(5).repeat(2, 1), torch.randn(2, 6, 1, 8, 8),
+                         torch.arange(6).remainder(5).repeat(2, 1))
+    changed = batch._replace(query_x=torch.cat([batch.query_x[:, :1], torch.randn(2, 5, 1, 8, 8)], 1))
+    outputs = {}
+    for transductive in (True, False):
+        reptile = Reptile(learner, Classification().loss, spec, ReptileConfig(test_inner_steps=2, transductive=transductive))
+        outputs[transductive] = reptile.predict(batch), reptile.predict(changed)
+        assert outputs[transductive][0].shape == (2, 6, 5)
+    one_by_one, other_queries = outputs[False]
+    assert torch.allclose(one_by_one[:, 0], other_queries[:, 0], atol=1e-6)  # query 0 alone: the same
+    assert not torch.allclose(outputs[True][0][:, 0], outputs[True][1][:, 0], atol=1e-4)  # shared statistics
+    phi, _ = reptile.adapt(batch.support_x, batch.support_y, 2, torch.Generator().manual_seed(0))
+    for q in range(6):  # each query's output is that of its own batch [support; query]
+        group = torch.cat([batch.support_x[1], batch.query_x[1, q:q + 1]])
+        alone = learner.forward_with({k: v[1] for k, v in phi.items()}, group)
+        assert torch.allclose(one_by_one[1, q], alone[-1], atol=1e-5)
+    assert reptile.bn_policy.startswith("non-transductive")

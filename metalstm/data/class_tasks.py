@@ -49,6 +49,8 @@ class ClassTasks:
     split_classes: for each of train/val/test, the indices of its classes (pairwise disjoint).
     rotate_splits: splits whose image classes are augmented with 90/180/270-degree rotations,
         each rotation counted as a new class (Santoro et al. 2016, Vinyals et al. 2016).
+    groups: a group id for every class [num_classes] (Omniglot: its alphabet): each task then draws all its
+        classes from one group, chosen uniformly among the split's groups with enough classes; None: any classes.
     """
 
     task_type = "classification"
@@ -66,6 +68,7 @@ class ClassTasks:
         train_shots: int | None = None,
         counts: Tensor | None = None,
         train_ways: int | None = None,
+        groups: Tensor | None = None,
     ):
         if (images.dtype == torch.uint8) != (images.dim() == 5) or images.dim() < 3:
             raise ValueError("examples must be uint8 images [classes, samples, channels, H, W] or float [classes, samples, ...]")
@@ -77,6 +80,7 @@ class ClassTasks:
         self.rotate_splits = tuple(rotate_splits)
         self.info = info or {}
         self.counts = counts
+        self.groups = groups
         self._check()
 
     def _check(self) -> None:
@@ -98,6 +102,12 @@ class ClassTasks:
                     f"data.{w_key}={ways} is more than the {available} classes of the {split} split; "
                     f"lower data.{w_key} or choose a split with more classes."
                 )
+            if self.groups is not None and not len(self.eligible_groups(split, ways)):
+                largest = int(self.virtual_groups(split).unique(return_counts=True)[1].max())
+                raise ConfigError(
+                    f"data.{w_key}={ways}: tasks draw their classes from one alphabet (data.within_alphabet=true), "
+                    f"but the largest alphabet of the {split} split has {largest} classes; lower data.{w_key}."
+                )
             shots, key = (self.train_shots, "train_shots") if split == "train" else (self.shots, "shots")
             query, q_key = (self.query, "query") if split == "train" else (self.eval_query, "eval_query")
             if shots + query > per_class:
@@ -117,6 +127,15 @@ class ClassTasks:
         self.images = self.images.to(device)
         return self
 
+    def virtual_groups(self, split: str) -> Tensor:
+        """The group of each (class, rotation) pair of ``split``, in sampling order."""
+        n_rot = 4 if split in self.rotate_splits else 1
+        return self.groups[self.split_classes[split]].repeat_interleave(n_rot)
+
+    def eligible_groups(self, split: str, ways: int) -> Tensor:
+        ids, sizes = self.virtual_groups(split).unique(return_counts=True)
+        return ids[sizes >= ways]
+
     def num_classes(self, split: str) -> int:
         """Classes of a split, rotations counted as classes."""
         return len(self.split_classes[split]) * (4 if split in self.rotate_splits else 1)
@@ -129,7 +148,12 @@ class ClassTasks:
         ways = self.train_ways if train else self.ways
         per_task = shots + query
         # ways distinct (class, rotation) pairs per task; their order is the task's label order
-        virtual = torch.rand(num_tasks, len(classes) * n_rot, generator=generator).argsort(1)[:, :ways]
+        scores = torch.rand(num_tasks, len(classes) * n_rot, generator=generator)
+        if self.groups is not None:  # pairs outside the task's group sort last, never drawn
+            eligible = self.eligible_groups(split, ways)
+            chosen = eligible[torch.randint(len(eligible), (num_tasks,), generator=generator)]
+            scores.masked_fill_(self.virtual_groups(split)[None, :] != chosen[:, None], 2.0)
+        virtual = scores.argsort(1)[:, :ways]
         base, rotation = classes[virtual // n_rot], virtual % n_rot  # [B, N]
         scores = torch.rand(num_tasks, ways, self.images.shape[1], generator=generator)
         if self.counts is not None:  # padding slots sort last, never drawn
@@ -163,5 +187,6 @@ class ClassTasks:
             "eval_query": self.eval_query,
             "classes": {s: self.num_classes(s) for s in SPLITS},
             "rotate_splits": list(self.rotate_splits),
+            "within_groups": self.groups is not None,
             "example_shape": list(self.images.shape[2:]),
         }

@@ -53,6 +53,7 @@ class OmniglotConfig(ClassEpisodeConfig):
     split: str = choice("vinyals", SPLIT_NAMES)  # vinyals | random (1100/100/423 characters) | lake (background -> train/val)
     split_seed: int = count(0, minimum=0)  # for the random and lake splits; independent of the training seed
     rotate_splits: list[str] = setting(factory=lambda: ["train"], choices=SPLITS)  # rotations by 90/180/270 as new classes
+    within_alphabet: bool = False  # every task's classes from one alphabet (Lake et al.'s harder protocol)
     meta_batch_size: int = count(32)
     eval_batch_size: int = count(50)
 
@@ -71,6 +72,11 @@ class OmniglotConfig(ClassEpisodeConfig):
 def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
     images, names = load_omniglot(Path(cfg.root).expanduser(), cfg.image_size, cfg.invert, cfg.download, cfg.cache_dir)
     splits = split_characters(names, cfg.split, cfg.split_seed)
+    groups = None
+    if cfg.within_alphabet:
+        alphabets = [name.rsplit("/", 1)[0] for name in names]
+        index = {a: i for i, a in enumerate(dict.fromkeys(alphabets))}
+        groups = torch.tensor([index[a] for a in alphabets])
     return ClassTasks(
         images,
         {s: torch.tensor(v) for s, v in splits.items()},
@@ -80,6 +86,7 @@ def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
         eval_query=cfg.eval_query,
         train_shots=cfg.train_shots, train_ways=cfg.train_ways,
         rotate_splits=cfg.rotate_splits,
+        groups=groups,
         info={"dataset": "omniglot", "split": cfg.split, "image_size": cfg.image_size, "root": str(cfg.root)},
     )
 

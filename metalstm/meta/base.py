@@ -46,6 +46,11 @@ class MetaLearner(nn.Module, ABC):
         self.learner, self.loss_fn = learner, loss_fn
         self.progress = 0.0  # fraction of meta-training done, set by the module (for annealing)
 
+    @property
+    def bn_policy(self) -> str:
+        """How meta-test normalises (results.json): the base learner's policy unless the method changes it."""
+        return self.learner.bn_policy
+
     def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         """The optimizer of the meta-parameters; Adam unless the algorithm prescribes another."""
         return torch.optim.Adam(self.parameters(), lr=meta_lr)

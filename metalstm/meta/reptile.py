@@ -41,6 +41,9 @@ class ReptileConfig(MetaConfig):
     outer_lr: float = positive(1.0)  # eps, the meta step size, annealed linearly to outer_lr_final (optim.meta_lr is not used)
     outer_lr_final: float = setting(0.0, minimum=0)
     carry_adam_state: bool = True  # inner Adam's second moment carried across tasks, as the paper's code
+    # meta-test: true scores all queries in one batch (BatchNorm statistics shared by the queries); false scores
+    # each query in a batch with the support set alone (the paper's non-transductive protocol)
+    transductive: bool = True
 
 
 class Reptile(MetaLearner):
@@ -89,9 +92,24 @@ class Reptile(MetaLearner):
                     phi[k] = phi[k] - self.cfg.inner_lr * g / denom
         return phi, second_moment
 
+    @property
+    def bn_policy(self) -> str:
+        if self.cfg.transductive or self.learner.bn_policy == "none":
+            return self.learner.bn_policy
+        return "non-transductive (each query with the support set)"
+
     def query_outputs(self, phi: Params, query_x: Tensor) -> Tensor:
+        """phi stacked [tasks, ...], queries [tasks, n_q, ...] -> outputs [tasks, n_q, out], one batch per task."""
         with torch.no_grad():
             return vmap(self.learner.forward_with)(phi, query_x)
+
+    def query_outputs_one_by_one(self, phi: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+        """Each query scored in a batch [support; query]: no statistics shared between queries."""
+        n_query = query_x.shape[1]
+        groups = torch.cat([support_x.unsqueeze(1).expand(-1, n_query, *support_x.shape[1:]), query_x.unsqueeze(2)], 2)
+        with torch.no_grad():  # groups [tasks, n_q, n_s + 1, ...]
+            outputs = vmap(vmap(self.learner.forward_with, in_dims=(None, 0)))(phi, groups)
+        return outputs[:, :, -1]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         theta = self.learner.params()
@@ -108,4 +126,6 @@ class Reptile(MetaLearner):
     def predict(self, batch: EpisodeBatch) -> Tensor:
         generator = torch.Generator().manual_seed(0)  # fixed minibatch order: evaluation is repeatable
         phi, _ = self.adapt(batch.support_x, batch.support_y, self.cfg.test_inner_steps, generator)
-        return self.query_outputs(phi, batch.query_x)
+        if self.cfg.transductive:
+            return self.query_outputs(phi, batch.query_x)
+        return self.query_outputs_one_by_one(phi, batch.support_x, batch.query_x)
