@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metalstm.errors import MetalstmError  # noqa: E402
-from metalstm.reproduce import load_table, run_table, write_reproduction_report  # noqa: E402
+from metalstm.reproduce import load_table, run_table, update_readme, write_reproduction_report  # noqa: E402
 
 
 def main() -> None:
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="data/omniglot", help="data.root of rows that read data")
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"), help="where row folders go")
     parser.add_argument("--report-only", action="store_true", help="write the report from the rows run so far")
+    parser.add_argument("--readme", type=Path, help="also put the summary table into this file, between the "
+                        "<!-- reproduce:TABLE --> and <!-- /reproduce:TABLE --> lines")
     parser.add_argument("overrides", nargs="*", help="key=value for every training row, e.g. trainer.max_steps=100 (a trial)")
     args = parser.parse_intermixed_args()
     code = 0
@@ -36,6 +38,8 @@ def main() -> None:
             code = run_table(table, out, args.rows.split(",") if args.rows else None,
                              str(Path(args.data_root).expanduser().resolve()), args.device, args.overrides)
         written = write_reproduction_report(table, out)
+        if args.readme:
+            update_readme(args.readme, table, out)
     except MetalstmError as e:
         print(f"metalstm error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -84,14 +84,23 @@ def test_a_killed_table_continues_where_it_stopped_and_reports(tmp_path):
     assert 'data-rows="3"' in dom and 'data-images-loaded="1"' in dom
 
 
-def test_report_only_lists_rows_not_run(tmp_path):
+def test_report_only_lists_rows_not_run_and_fills_the_readme_block(tmp_path):
     table = tmp_path / "tiny.yaml"
     table.write_text(TINY)
-    runner = reproduce(str(table), "--out", str(tmp_path / "out"), "--report-only", cwd=tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nbefore\n<!-- reproduce:tiny -->\nold table\n<!-- /reproduce:tiny -->\nafter\n")
+    runner = reproduce(str(table), "--out", str(tmp_path / "out"), "--report-only", "--readme", str(readme), cwd=tmp_path)
     log, _ = runner.communicate(timeout=120)
     assert runner.returncode == 0, log
     rows = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
     assert [r["status"] for r in rows] == ["not run"] * 3
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# Title\n\nbefore\n<!-- reproduce:tiny -->\n| method |")
+    assert text.count("| MAML |") == 3 and text.endswith("<!-- /reproduce:tiny -->\nafter\n")
+    readme.write_text("no markers\n")
+    runner = reproduce(str(table), "--out", str(tmp_path / "out"), "--report-only", "--readme", str(readme), cwd=tmp_path)
+    log, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 2 and "needs one '<!-- reproduce:tiny -->' line" in log and readme.read_text() == "no markers\n"
 
 
 @pytest.mark.parametrize("args, words", [
