@@ -195,8 +195,9 @@ def run_table(table: Table, out: Path, rows: list[str] | None, data_root: str, d
         launches[-1].update(seconds=round(time.time() - started, 1), exit_code=code)
         write_json(log, launches)
         if code != 0:
-            print(f"[reproduce] {row.id}: stopped with exit code {code}; run the same command again to continue.",
-                  file=sys.stderr, flush=True)
+            then = ("correct the row (the message above names the setting) and run again" if code == 2
+                    else "run the same command again to continue")
+            print(f"[reproduce] {row.id}: stopped with exit code {code}; {then}.", file=sys.stderr, flush=True)
             return code
     return 0
 
