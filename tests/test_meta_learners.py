@@ -274,7 +274,7 @@ def test_protonet_classifies_by_distance_to_class_means():
     torch.manual_seed(0)
     proto = ProtoNet(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, ProtoNetConfig())
     sx, sy, qx, _ = (t[0] for t in image_tasks(shots=3).sample("test", 1, torch.Generator().manual_seed(0)))
-    logits = proto.logits(sx, sy, qx)
+    logits = proto.logits(sx, sy, qx, 5)
     z = proto.learner.embed_with(proto.learner.params(), torch.cat([sx, qx]))
     means = torch.stack([z[: len(sx)][sy == k].mean(0) for k in range(5)])
     expected = -((z[len(sx):, None, :] - means[None]) ** 2).sum(-1)
