@@ -13,6 +13,7 @@ import html
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from metalstm.errors import DataError
 
 IGNORED = ("paths.", "hydra.", "run_id", "resume")  # keys that differ between runs without meaning anything
+MAIN_METRICS = ("test/acc", "test/mse", "test/token_acc", "test/seq_acc", "test/point_error")  # reported first
 # two-sided 95% Student's t for 1..30 degrees of freedom; 1.96 beyond
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -106,8 +108,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
 def test_metrics(runs: list[Run]) -> list[str]:
     names = {k for r in runs for k in (r.results or {}).get("metrics", {})
              if k.startswith("test/") and not k.endswith("_ci95") and k != "test/num_tasks" and k != "test/loss"}
-    order = ["test/acc", "test/mse", "test/token_acc", "test/seq_acc", "test/point_error"]
-    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+    return sorted(names, key=lambda n: (MAIN_METRICS.index(n) if n in MAIN_METRICS else len(MAIN_METRICS), n))
 
 
 def student_t_ci95(values: list[float]) -> tuple[float, float]:
@@ -180,10 +181,13 @@ def write_table(rows: list[dict[str, str]], stem: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    stem.with_suffix(".md").write_text(markdown_table(rows, columns))
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(escape(r.get(c, "")) for c in columns) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def run_label(run: Run, keys: list[str]) -> str:
@@ -244,13 +248,35 @@ def plot_final(report: Report, path: Path) -> bool:
     return True
 
 
-def html_table(rows: list[dict[str, str]], row_class: str) -> str:
+def html_table(rows: list[dict[str, str]], row_class: str | Callable[[dict[str, str]], str],
+               columns: list[str] | None = None) -> str:
+    """A table of ``rows`` (``columns``: default, the first row's keys); each ``<tr>`` gets ``row_class``, or
+    ``row_class(row)``."""
     if not rows:
         return ""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join(f'<tr class="{row_class}">' + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in rows[0])
+    columns = columns or list(rows[0])
+    classes = row_class if callable(row_class) else lambda _: row_class
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(f'<tr class="{classes(r)}">' + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns)
                    + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def embedded_png(path: Path, caption: str, alt: str) -> str:
+    """A heading and the image inlined as a data URI: the page opens offline, as one file."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<h2>{caption}</h2><img alt="{alt}" src="data:image/png;base64,{data}">'
+
+
+def render_probe(row_selector: str) -> str:
+    """A script that lets a headless browser confirm what rendered: the rows and the decoded images."""
+    return (
+        '<script>\nwindow.addEventListener("load", function () {\n'
+        "  var images = Array.prototype.slice.call(document.images);\n"
+        f'  document.body.dataset.rows = document.querySelectorAll("{row_selector}").length;\n'
+        "  document.body.dataset.imagesLoaded = images.filter(function (i) "
+        "{ return i.complete && i.naturalWidth > 0; }).length;\n});\n</script>"
+    )
 
 
 PAGE = """<!DOCTYPE html>
@@ -270,14 +296,7 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 {runs}
 {seeds}
 {images}
-<script>
-// lets a headless browser confirm what rendered: rows and decoded images
-window.addEventListener("load", function () {{
-  var images = Array.prototype.slice.call(document.images);
-  document.body.dataset.rows = document.querySelectorAll("tr.run").length;
-  document.body.dataset.imagesLoaded = images.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
-}});
-</script>
+{probe}
 </body></html>
 """
 
@@ -297,8 +316,7 @@ def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
                                 ("final", plot_final, "Final test metrics (error bars: 95% CI over test tasks)")):
         if plot(report, out / f"{name}.png"):
             written[name] = out / f"{name}.png"
-            data = base64.b64encode((out / f"{name}.png").read_bytes()).decode()
-            images.append(f'<h2>{caption}</h2><img alt="{name}" src="data:image/png;base64,{data}">')
+            images.append(embedded_png(out / f"{name}.png", caption, name))
     seeds = ""
     if report.seed_rows:
         seeds = ("<h2>Across seeds</h2><p>Runs that differ only in <code>seed</code>: mean ± 95% CI over seeds "
@@ -307,7 +325,7 @@ def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
     summary = (f"{len(report.runs)} runs ({done} finished) from {html.escape(', '.join(map(str, folders)))}; "
                f"differing keys: {html.escape(', '.join(report.keys) or 'none')}.")
     page = PAGE.format(title=html.escape(folders[0].name), summary=summary, runs=html_table(report.run_rows, "run"),
-                       seeds=seeds, images="\n".join(images))
+                       seeds=seeds, images="\n".join(images), probe=render_probe("tr.run"))
     (out / "report.html").write_text(page)
     written["html"] = out / "report.html"
     return written

@@ -8,7 +8,6 @@ interval and source, and the protocol. ``scripts/reproduce.py TABLE`` runs the r
 """
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -26,7 +25,7 @@ from omegaconf import OmegaConf
 
 from metalstm.errors import ConfigError
 from metalstm.files import atomic_write, write_json
-from metalstm.report import read_curves
+from metalstm.report import MAIN_METRICS, embedded_png, html_table, markdown_table, read_curves, render_probe
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = REPO / "configs" / "reproduce"
@@ -241,9 +240,6 @@ def run_child(command: list[str], lock: Path) -> int:
 # ------------------------------------------------------------------------------------------------ report
 
 
-MAIN_METRICS = ("acc", "mse", "token_acc", "point_error")
-
-
 @dataclass
 class Outcome:
     row: Row
@@ -255,7 +251,7 @@ class Outcome:
     def ours(self) -> tuple[float, float] | None:
         """The row's test metric (the published one's, else the first of acc, mse, ...) and its 95% CI."""
         metrics = (self.results or {}).get("metrics", {})
-        wanted = [self.row.published.metric] if self.row.published else [f"test/{m}" for m in MAIN_METRICS]
+        wanted = [self.row.published.metric] if self.row.published else list(MAIN_METRICS)
         metric = next((m for m in wanted if m in metrics), None)
         if metric is None:
             return None
@@ -335,12 +331,6 @@ def row_recipe(table: Table, row: Row) -> str:
     return " ".join(["python train.py", f"+experiment={row.experiment}", *row.overrides, *root])
 
 
-def markdown(rows: list[dict[str, str]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(r[c].replace("|", "\\|") for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 # wall clock: every launch of the row's training run, start to exit (data loading, validation and test included)
 SUMMARY_COLUMNS = ["method", "setting", "published", "ours (95% CI)", "difference", "intervals overlap", "steps",
                    "wall clock", "device", "status"]
@@ -388,13 +378,7 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 <p>{summary}</p>
 {table}
 {images}
-<script>
-window.addEventListener("load", function () {{
-  var images = Array.prototype.slice.call(document.images);
-  document.body.dataset.rows = document.querySelectorAll("tr.row").length;
-  document.body.dataset.imagesLoaded = images.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
-}});
-</script>
+{probe}
 </body></html>
 """
 
@@ -408,24 +392,21 @@ def write_reproduction_report(table: Table, out: Path) -> dict[str, Path]:
                       f"{r['source'] or 'none'}. Command: `{r['command'] or '-'}`; commit {r['commit'] or '-'}; "
                       f"{r['test tasks'] or '-'} test tasks." for r in rows)
     regenerate = f"python scripts/reproduce.py {table.source or table.name} --report-only"
-    (out / "report.md").write_text(f"{markdown(rows, SUMMARY_COLUMNS)}\n{notes}\n\nRegenerate: `{regenerate}`\n")
+    (out / "report.md").write_text(f"{markdown_table(rows, SUMMARY_COLUMNS)}\n{notes}\n\nRegenerate: `{regenerate}`\n")
     write_json(out / "report.json", rows)
     written = {"md": out / "report.md", "json": out / "report.json"}
     images = ""
     if plot_validation(found, out / "validation.png"):
         written["png"] = out / "validation.png"
-        data = base64.b64encode((out / "validation.png").read_bytes()).decode()
-        images = f'<h2>Validation curves</h2><img alt="validation curves" src="data:image/png;base64,{data}">'
+        images = embedded_png(out / "validation.png", "Validation curves", "validation curves")
     columns = [*SUMMARY_COLUMNS, "source", "test tasks", "commit", "protocol", "command"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(f'<tr class="row{" miss" if r["intervals overlap"] == "no" else ""}">'
-                   + "".join(f"<td>{html.escape(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
+    table_html = html_table(rows, lambda r: "row miss" if r["intervals overlap"] == "no" else "row", columns)
     done = sum(r["status"] == "done" for r in rows)
     summary = (f"{len(rows)} rows, {done} done. Ours: mean ± 95% confidence interval over the test tasks; a row is "
                f"shaded where its interval and the published one do not overlap. Regenerate: "
                f"<code>{html.escape(regenerate)}</code>")
-    page = PAGE.format(title=html.escape(table.title), summary=summary,
-                       table=f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", images=images)
+    page = PAGE.format(title=html.escape(table.title), summary=summary, table=table_html, images=images,
+                       probe=render_probe("tr.row"))
     (out / "report.html").write_text(page)
     written["html"] = out / "report.html"
     return written
@@ -441,6 +422,6 @@ def update_readme(readme: Path, table: Table, out: Path) -> None:
                           f"the place where the table goes.")
     rows = report_rows(table, outcomes(table, out))
     command = f"python scripts/reproduce.py {table.source or table.name} --report-only --readme {readme.name}"
-    block = f"{start}\n{markdown(rows, SUMMARY_COLUMNS)}\nGenerated by `{command}` from {len(rows)} rows.\n{end}"
+    block = f"{start}\n{markdown_table(rows, SUMMARY_COLUMNS)}\nGenerated by `{command}` from {len(rows)} rows.\n{end}"
     with atomic_write(readme) as f:
         f.write(text[: text.index(start)] + block + text[text.index(end) + len(end):])

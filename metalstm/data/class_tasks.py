@@ -81,7 +81,19 @@ class ClassTasks:
         self.info = info or {}
         self.counts = counts
         self.groups = groups
+        # within groups: per split, the group of each (class, rotation) pair and the groups with enough classes
+        self.pair_groups: dict[str, Tensor] = {}
+        self.eligible_groups: dict[str, Tensor] = {}
+        if groups is not None:
+            for split in SPLITS:
+                n_rot = 4 if split in self.rotate_splits else 1
+                self.pair_groups[split] = groups[self.split_classes[split]].repeat_interleave(n_rot)
+                ids, sizes = self.pair_groups[split].unique(return_counts=True)
+                self.eligible_groups[split] = ids[sizes >= self.split_ways(split)]
         self._check()
+
+    def split_ways(self, split: str) -> int:
+        return self.train_ways if split == "train" else self.ways
 
     def _check(self) -> None:
         if self.rotate_splits and self.images.dtype != torch.uint8:
@@ -102,8 +114,8 @@ class ClassTasks:
                     f"data.{w_key}={ways} is more than the {available} classes of the {split} split; "
                     f"lower data.{w_key} or choose a split with more classes."
                 )
-            if self.groups is not None and not len(self.eligible_groups(split, ways)):
-                largest = int(self.virtual_groups(split).unique(return_counts=True)[1].max())
+            if self.groups is not None and not len(self.eligible_groups[split]):
+                largest = int(self.pair_groups[split].unique(return_counts=True)[1].max())
                 raise ConfigError(
                     f"data.{w_key}={ways}: tasks draw their classes from one alphabet (data.within_alphabet=true), "
                     f"but the largest alphabet of the {split} split has {largest} classes; lower data.{w_key}."
@@ -127,15 +139,6 @@ class ClassTasks:
         self.images = self.images.to(device)
         return self
 
-    def virtual_groups(self, split: str) -> Tensor:
-        """The group of each (class, rotation) pair of ``split``, in sampling order."""
-        n_rot = 4 if split in self.rotate_splits else 1
-        return self.groups[self.split_classes[split]].repeat_interleave(n_rot)
-
-    def eligible_groups(self, split: str, ways: int) -> Tensor:
-        ids, sizes = self.virtual_groups(split).unique(return_counts=True)
-        return ids[sizes >= ways]
-
     def num_classes(self, split: str) -> int:
         """Classes of a split, rotations counted as classes."""
         return len(self.split_classes[split]) * (4 if split in self.rotate_splits else 1)
@@ -145,14 +148,14 @@ class ClassTasks:
         classes = self.split_classes[split]
         train = split == "train"
         shots, query = (self.train_shots, self.query) if train else (self.shots, self.eval_query)
-        ways = self.train_ways if train else self.ways
+        ways = self.split_ways(split)
         per_task = shots + query
         # ways distinct (class, rotation) pairs per task; their order is the task's label order
         scores = torch.rand(num_tasks, len(classes) * n_rot, generator=generator)
         if self.groups is not None:  # pairs outside the task's group sort last, never drawn
-            eligible = self.eligible_groups(split, ways)
+            eligible = self.eligible_groups[split]
             chosen = eligible[torch.randint(len(eligible), (num_tasks,), generator=generator)]
-            scores.masked_fill_(self.virtual_groups(split)[None, :] != chosen[:, None], 2.0)
+            scores.masked_fill_(self.pair_groups[split][None, :] != chosen[:, None], 2.0)
         virtual = scores.argsort(1)[:, :ways]
         base, rotation = classes[virtual // n_rot], virtual % n_rot  # [B, N]
         scores = torch.rand(num_tasks, ways, self.images.shape[1], generator=generator)
