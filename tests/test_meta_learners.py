@@ -20,8 +20,9 @@ from metalstm.errors import ConfigError
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
-from metalstm.meta import META_LEARNERS, refusal
+from metalstm.meta import META_LEARNERS, build_meta_learner, refusal
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
+from metalstm.meta.maml import MAML
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
@@ -342,3 +343,43 @@ def test_reptile_non_transductive_test_scores_each_query_with_the_support_set_al
         alone = learner.forward_with({k: v[1] for k, v in phi.items()}, group)
         assert torch.allclose(one_by_one[1, q], alone[-1], atol=1e-5)
     assert reptile.bn_policy.startswith("non-transductive")
+
+
+def test_running_batchnorm_gathers_statistics_in_training_and_scores_each_query_alone_at_test():
+    """base_learner.norm=running (Snell et al.'s protocol): meta-training forwards update running statistics,
+    meta-test normalises with them, so a query's output does not depend on the other queries."""
+    spec = {"task_type": "classification", "input_shape": (1, 8, 8), "output_dim": 5}
+    torch.manual_seed(0)
+    learner = Conv4(Conv4Config(filters=4, blocks=2, downsample="maxpool", norm="running"), spec)
+    proto = ProtoNet(learner, Classification().loss, spec, ProtoNetConfig())
+    assert proto.bn_policy == "running"
+    batch = EpisodeBatch(torch.randn(2, 5, 1, 8, 8) + 3, torch.arange(5).repeat(2, 1), torch.randn(2, 6, 1, 8, 8) + 3,
+                         torch.arange(6).remainder(5).repeat(2, 1))
+    changed = batch._replace(query_x=torch.cat([batch.query_x[:, :1], torch.randn(2, 5, 1, 8, 8)], 1))
+    norm = learner.body[1]
+    before = norm.running_mean.clone()
+    proto.meta_loss(batch).loss.backward()
+    assert not torch.allclose(norm.running_mean, before)  # training updated the statistics
+    proto.eval()
+    gathered = norm.running_mean.clone()
+    first, second = proto.predict(batch), proto.predict(changed)
+    assert torch.equal(norm.running_mean, gathered)  # meta-test leaves them alone
+    assert torch.allclose(first[:, 0], second[:, 0], atol=1e-5)  # query 0 scored the same beside other queries
+    proto.train()
+    transductive = proto.predict(batch), proto.predict(changed)
+    assert not torch.allclose(transductive[0][:, 0], transductive[1][:, 0], atol=1e-4)  # batch statistics: shared
+
+
+def test_running_batchnorm_is_refused_by_meta_learners_that_vmap_the_base_learner():
+    spec = {"task_type": "classification", "input_shape": (1, 8, 8), "output_dim": 5}
+    learner = Conv4(Conv4Config(filters=4, blocks=2, norm="running"), spec)
+    for name, entry in META_LEARNERS.items():
+        component = META_LEARNERS.parse({"name": name})
+        if entry.impl.running_norm:
+            meta = build_meta_learner(component, learner, Classification().loss, spec)
+            if isinstance(meta, MAML):  # adapts task by task, so BatchNorm can update its statistics
+                assert meta.vectorize_mode(torch.zeros(1)) == "loop"
+            continue
+        with pytest.raises(ConfigError, match="base_learner.norm=running.*base_learner.norm=batch"):
+            build_meta_learner(component, learner, Classification().loss, spec)
+    assert {n for n, e in META_LEARNERS.items() if not e.impl.running_norm} >= {"reptile", "lstm_optimizer"}

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import fixture_overrides, run_script
 from metalstm.checkpointing import load_checkpoint
@@ -45,6 +46,29 @@ def test_train_then_eval_on_omniglot_fixture(tmp_path, omniglot_fixture, cache_d
     eval_results = sorted((tmp_path / "outputs" / "eval").glob("*/*/results.json"))
     assert len(eval_results) == 1
     assert json.loads(eval_results[0].read_text())["metrics"]["test/acc"] == pytest.approx(acc)
+
+
+def test_protonet_with_running_batchnorm_statistics_trains_and_evaluates(tmp_path, omniglot_fixture, cache_dir):
+    """base_learner.norm=running: the statistics travel in the checkpoint, and eval.py tests with them."""
+    train = run_script(
+        "train.py", "+experiment=omniglot_5way_protonet", *fixture_overrides(omniglot_fixture, cache_dir),
+        "base_learner.norm=running", "data.train_ways=10", "trainer.max_steps=6", "trainer.val_check_interval=3",
+        "data.val_tasks=4", "data.test_tasks=10", cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["bn_policy"] == "running"
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert int(state["meta_learner.learner.body.1.num_batches_tracked"]) == 6  # one update per training episode
+    assert not torch.allclose(state["meta_learner.learner.body.1.running_var"], torch.ones(64))
+    evaluation = run_script("eval.py", f"run_dir={run}", cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    eval_results = sorted((tmp_path / "outputs" / "eval").glob("*/*/results.json"))
+    assert len(eval_results) == 1
+    again = json.loads(eval_results[0].read_text())
+    assert again["bn_policy"] == "running"
+    assert again["metrics"]["test/acc"] == pytest.approx(results["metrics"]["test/acc"])  # same statistics, same tasks
 
 
 def test_default_sinusoid_run_learns(tmp_path):

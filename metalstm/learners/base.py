@@ -31,11 +31,12 @@ class BaseLearner(nn.Module):
     (penultimate features [n, embed_dim]); nothing in a meta-learner depends on the layers.
     Subclasses define ``body`` (x -> features) and ``head`` (features -> outputs), and ``refusal``:
     why they cannot learn tasks of a given spec (None if they can).
-    BatchNorm layers keep no running statistics: each forward normalises with the statistics
-    of its own batch (``bn_policy``), so adapted copies never share hidden state.
+    BatchNorm layers normalise each forward with the statistics of its own batch (``bn_policy``
+    "transductive"), so adapted copies never share hidden state; or, with ``bn_policy`` "running",
+    meta-training forwards also update running statistics that meta-test (eval mode) normalises with.
     """
 
-    bn_policy = "none"  # "transductive": each forward's own batch statistics, at train and test alike
+    bn_policy = "none"  # | "transductive" (each forward's own batch statistics) | "running" (see BatchNorm)
     vmap_on_cpu = True  # vmap over tasks beats a per-task loop on CPU (scripts/bench.py; not so for convolutions)
     embed_dim: int
     body: nn.Module
@@ -91,17 +92,27 @@ def tasks_vmapped() -> Iterator[None]:
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """Transductive BatchNorm over x [n, C, ...]: normalised with the batch's own statistics.
+    """BatchNorm over x [n, C, ...]. Transductive (``running=False``): normalised with the batch's own
+    statistics, in training and at meta-test alike. ``running=True``: training forwards normalise with the
+    batch's statistics and update running averages in place; eval-mode forwards (meta-test) normalise
+    with those, so a query's output does not depend on the other queries (Snell et al.'s test protocol).
+    Running statistics cannot be updated inside ``vmap`` over tasks: meta-learners that vmap the base
+    learner refuse them (``MetaLearner.running_norm``).
 
     Under ``tasks_vmapped`` the affine map is written out after a weightless batch_norm: torch's fused
     affine batch_norm, vmapped over tasks whose adapted weights differ, gives second derivatives off by
     1-5% (torch 2.13; pytorch/functorch#534). Elsewhere the fused kernel runs (~13% faster on CPU).
     """
 
-    def __init__(self, channels: int):
-        super().__init__(channels, track_running_stats=False)
+    def __init__(self, channels: int, running: bool = False):
+        super().__init__(channels, track_running_stats=running)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.track_running_stats:
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=self.training, momentum=self.momentum, eps=self.eps)
         if not in_tasks_vmap():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         shape = (-1,) + (1,) * (x.dim() - 2)

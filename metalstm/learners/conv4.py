@@ -11,12 +11,13 @@ from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, TaskSp
 
 @dataclass
 class Conv4Config(LearnerConfig):
-    """Four [conv3x3 -> BatchNorm -> ReLU -> downsample] blocks and a linear head. BatchNorm keeps no running
-    statistics: every forward normalises with its own batch (transductive at meta-test, as in MAML)."""
+    """Four [conv3x3 -> BatchNorm -> ReLU -> downsample] blocks and a linear head. ``norm=batch``: every forward
+    normalises with its own batch (transductive at meta-test, as in MAML); ``norm=running``: meta-test
+    normalises with running statistics gathered in meta-training (as ProtoNet's code)."""
 
     filters: int = count(64)
     blocks: int = count(4)
-    norm: str = choice("batch", ("batch", "none"))  # batch (transductive batch statistics) | none
+    norm: str = choice("batch", ("batch", "running", "none"))  # batch (transductive) | running statistics | none
     downsample: str = choice("stride", ("stride", "maxpool"))  # stride (MAML's 2x2-strided convs) | maxpool (ProtoNet/Vinyals)
 
 
@@ -42,14 +43,14 @@ class Conv4(BaseLearner):
         super().__init__()
         self.check_spec(cfg, spec)
         in_channels, image_size, _ = spec["input_shape"]
-        self.bn_policy = "transductive" if cfg.norm == "batch" else "none"
+        self.bn_policy = {"batch": "transductive", "running": "running", "none": "none"}[cfg.norm]
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(cfg.blocks):
             stride = 2 if cfg.downsample == "stride" else 1
             layers.append(nn.Conv2d(channels, cfg.filters, 3, stride=stride, padding=1))
-            if cfg.norm == "batch":
-                layers.append(BatchNorm(cfg.filters))
+            if cfg.norm != "none":
+                layers.append(BatchNorm(cfg.filters, running=cfg.norm == "running"))
             layers.append(nn.ReLU())
             if cfg.downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))

@@ -42,6 +42,10 @@ def build_meta_learner(meta: Component, learner: BaseLearner, loss_fn: LossFn, s
     """The parsed ``meta_learner`` group's meta-learner for ``learner`` on tasks of ``spec``; a meaningless
     combination is a ConfigError."""
     reason = refusal(meta.impl, meta.name, spec)
+    if reason is None and learner.bn_policy == "running" and not meta.impl.running_norm:
+        reason = (f"base_learner.norm=running: meta_learner={meta.name} runs the base learner under vmap over tasks, "
+                  f"where BatchNorm cannot update running statistics. Use base_learner.norm=batch (transductive), "
+                  f"or a meta-learner that keeps them ({', '.join(n for n, c in META_LEARNERS.items() if c.impl.running_norm)}).")
     if reason is not None:
         raise ConfigError(reason)
     return meta.impl(learner, loss_fn, spec, meta.config)

@@ -40,6 +40,7 @@ class MetaLearner(nn.Module, ABC):
 
     task_types: tuple[str, ...] = ("classification", "regression", "seq2seq", "forecast")  # what it can learn
     any_ways: bool = False  # classifies tasks of any number of classes (no output layer per class)
+    running_norm: bool = False  # runs the base learner outside vmap, so BatchNorm can keep running statistics
 
     def __init__(self, learner: BaseLearner, loss_fn: LossFn):
         super().__init__()

@@ -62,6 +62,8 @@ class MAMLConfig(MetaConfig):
 
 
 class MAML(MetaLearner):
+    running_norm = True  # adapts one task at a time when BatchNorm keeps running statistics (vectorize_mode)
+
     def __init__(self, learner: BaseLearner, loss_fn: LossFn, spec: TaskSpec, cfg: MAMLConfig):
         super().__init__(learner, loss_fn)
         self.cfg = cfg
@@ -151,6 +153,8 @@ class MAML(MetaLearner):
         """``cfg.vectorize`` with ``auto`` resolved for the device of ``x``: vmap or loop."""
         if self.cfg.vectorize != "auto":
             return self.cfg.vectorize
+        if self.learner.bn_policy == "running":
+            return "loop"  # running statistics are updated in place, which vmap cannot do
         return "vmap" if x.is_cuda or self.learner.vmap_on_cpu else "loop"
 
     def over_tasks(self, fn: Callable[..., Any], batch: EpisodeBatch) -> Any:

@@ -38,6 +38,8 @@ class MemoryLSTMConfig(MetaConfig):
 
 class MemoryLSTM(MetaLearner):
     task_types = ("classification", "regression")  # one label per example fills the label slot
+    running_norm = True
+
     def __init__(self, learner, loss_fn, spec, cfg: MemoryLSTMConfig):
         super().__init__(learner, loss_fn)
         self.cfg = cfg

@@ -25,6 +25,7 @@ class ProtoNetConfig(MetaConfig):
 class ProtoNet(MetaLearner):
     task_types = ("classification",)
     any_ways = True  # one prototype per class of the task: Snell et al. meta-train 60-way and test 5- and 20-way
+    running_norm = True
 
     def __init__(self, learner, loss_fn, spec, cfg: ProtoNetConfig):
         super().__init__(learner, loss_fn)
