@@ -10,6 +10,10 @@ Workloads (random inputs of the real shapes, as the peer script uses):
   W2  the same, 20-way 1-shot, meta-batch 16
   W3  second-order MAML, LSTM encoder-decoder (hidden 128) on seq_tasks shapes (length 8, 8 symbols),
       5-shot, 10 query, meta-batch 16, 5 inner steps
+  W4  the Ravi LSTM optimizer (hidden 20), MLP 40-40 on sinusoid shapes (5-shot, 10 query), meta-batch 25,
+      5 inner steps
+  W5  the Ravi LSTM optimizer, Conv-4 (32 filters, strided), 5-way 1-shot, 15 query per class, meta-batch 16,
+      5 inner steps
 
 One step = meta_loss + backward + Adam step of our MetaLearner, exactly as the training loop runs it.
 Prints the median tasks/s over timed steps after a warm-up, and the peak memory (GPU: allocated by torch;
@@ -35,11 +39,15 @@ from metalstm.meta import META_LEARNERS, build_meta_learner  # noqa: E402
 from metalstm.objectives import get_objective  # noqa: E402
 
 MAML = {"name": "maml", "inner_lr": 0.4, "inner_steps": 5}
+RAVI = {"name": "lstm_optimizer", "variant": "ravi", "inner_steps": 5}
 CONV4 = {"name": "conv4", "filters": 64, "downsample": "maxpool"}
 WORKLOADS = {
     "W1": {"ways": 5, "shots": 1, "query": 15, "meta_batch": 32, "learner": CONV4},
     "W2": {"ways": 20, "shots": 1, "query": 15, "meta_batch": 16, "learner": CONV4},
     "W3": {"seq": True, "shots": 5, "query": 10, "meta_batch": 16, "learner": {"name": "lstm_seq2seq", "hidden": 128}},
+    "W4": {"regression": True, "shots": 5, "query": 10, "meta_batch": 25, "meta": RAVI,
+           "learner": {"name": "mlp", "hidden": [40, 40]}},
+    "W5": {"ways": 5, "shots": 1, "query": 15, "meta_batch": 16, "meta": RAVI, "learner": {"name": "conv4", "filters": 32}},
 }
 
 
@@ -50,6 +58,12 @@ def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, E
         spec = source.spec
         batch = source.sample("train", w["meta_batch"], torch.Generator().manual_seed(0))
         shape = f"seq_tasks shots={w['shots']} query={w['query']}"
+    elif w.get("regression"):
+        spec = {"task_type": "regression", "input_shape": (1,), "output_dim": 1}
+        x = torch.empty(w["meta_batch"], w["shots"] + w["query"], 1).uniform_(-5, 5)
+        y = torch.sin(x + torch.rand(w["meta_batch"], 1, 1) * 3) * (0.1 + torch.rand(w["meta_batch"], 1, 1) * 4.9)
+        batch = EpisodeBatch(x[:, : w["shots"]], y[:, : w["shots"]], x[:, w["shots"] :], y[:, w["shots"] :])
+        shape = f"sinusoid shots={w['shots']} query={w['query']}"
     else:
         spec = {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": w["ways"]}
         n_s, n_q = w["ways"] * w["shots"], w["ways"] * w["query"]
@@ -61,10 +75,11 @@ def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, E
         shape = f"ways={w['ways']} shots={w['shots']} query={w['query']}"
     objective = get_objective(spec["task_type"])
     learner = build_base_learner(BASE_LEARNERS.parse(w["learner"]), spec)
-    meta = build_meta_learner(META_LEARNERS.parse({**MAML, "vectorize": vectorize}), learner, objective.loss, spec)
+    method = w.get("meta", {**MAML, "vectorize": vectorize})
+    meta = build_meta_learner(META_LEARNERS.parse(method), learner, objective.loss, spec)
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
-    mode = meta.vectorize_mode(batch.support_x)
-    return meta, batch, f"{shape} meta_batch={w['meta_batch']} steps={MAML['inner_steps']} vectorize={mode}"
+    mode = f" vectorize={meta.vectorize_mode(batch.support_x)}" if hasattr(meta, "vectorize_mode") else ""
+    return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from metalstm.errors import ConfigError
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
-from metalstm.meta import META_LEARNERS, build_meta_learner, refusal
-from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
+from metalstm.meta import META_LEARNERS, build_meta_learner, fused_lstm, refusal
+from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig, RaviUpdate, preprocess
 from metalstm.meta.maml import MAML
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
@@ -188,6 +188,52 @@ def test_lstm_optimizer_runs_a_meta_batch_as_each_task_alone(variant):
         (opt.meta_loss(alone).loss / 3).backward()
     for batched, looped in zip(batched_grads, (p.grad for p in opt.parameters())):
         assert torch.allclose(batched, looped, atol=1e-5)
+
+
+@pytest.mark.parametrize("input_size", [4, 20])
+def test_fused_lstm_cell_matches_torchs_cell_in_values_and_gradients(input_size, monkeypatch):
+    """Two steps of FusedLSTMCell (several row blocks, a ragged last one) and of nn.LSTMCell from the same
+    weights: outputs and the gradients of x, h, c and every weight agree to 1e-5."""
+    monkeypatch.setattr(fused_lstm, "BLOCK_ROWS", 64)
+    torch.manual_seed(0)
+    reference = torch.nn.LSTMCell(input_size, 20)
+    fused = fused_lstm.FusedLSTMCell(input_size, 20)
+    fused.load_state_dict(reference.state_dict())
+    x, h, c = (torch.randn(150, n, requires_grad=True) for n in (input_size, 20, 20))
+    results = []
+    for cell in (reference, fused):
+        h1, c1 = cell(x, (h, c))
+        h2, c2 = cell(torch.tanh(x), (h1, c1))
+        loss = (h2 * torch.linspace(-1, 1, 20)).sum() + (c2 ** 2).sum() + h1.pow(3).sum()
+        results.append((h2, c2, *torch.autograd.grad(loss, [x, h, c, *cell.parameters()])))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_ravi_update_is_its_formula():
+    """RaviUpdate's gates, computed row-wise from h_t, equal the paper's form sigmoid(W [h_t, theta, gate_prev] + b)
+    on an LSTM cell over (loss, grad) features, step after step, with the same meta-gradient."""
+    torch.manual_seed(0)
+    rule = RaviUpdate(LSTMOptimizerConfig(forget_bias_init=(1.0, 2.0), input_bias_init=(-1.0, 0.0)))
+    with torch.no_grad():
+        rule.w_input.normal_(), rule.w_forget.normal_()
+    reference_cell = torch.nn.LSTMCell(4, 20)
+    reference_cell.load_state_dict(rule.input_lstm.state_dict())
+    theta0 = torch.randn(300, requires_grad=True)
+    loss, grads = torch.rand(300), [torch.randn(300) * 10.0 ** -k for k in range(3)]
+    theta, state = theta0, rule.initial_state(300, theta0)
+    ref_theta, (h, c, i, f) = theta0, rule.initial_state(300, theta0)
+    for step, grad in enumerate(grads):
+        theta, state = rule(theta, loss, grad, state, step)
+        h, c = reference_cell(torch.cat([preprocess(loss, 10.0), preprocess(grad, 10.0)], -1), (h, c))
+        i = torch.sigmoid(torch.cat([h, ref_theta[:, None], i[:, None]], -1) @ rule.w_input + rule.b_input)
+        f = torch.sigmoid(torch.cat([h, ref_theta[:, None], f[:, None]], -1) @ rule.w_forget + rule.b_forget)
+        ref_theta = f * ref_theta - i * grad
+        assert torch.allclose(theta, ref_theta, atol=1e-6)
+    ours = torch.autograd.grad(theta.pow(2).sum(), [theta0, rule.w_input, rule.w_forget, rule.input_lstm.weight_hh])
+    theirs = torch.autograd.grad(ref_theta.pow(2).sum(), [theta0, rule.w_input, rule.w_forget, reference_cell.weight_hh])
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_reptile_outer_step_moves_theta_toward_the_adapted_weights():

@@ -33,6 +33,7 @@ from metalstm.config import choice, count, positive
 from metalstm.core import EpisodeBatch
 from metalstm.learners.base import Params
 from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
+from metalstm.meta.fused_lstm import FusedLSTMCell
 
 State = tuple[Tensor, ...]
 
@@ -63,7 +64,7 @@ class RaviUpdate(UpdateRule):
     def __init__(self, cfg: LSTMOptimizerConfig):
         super().__init__()
         self.hidden, self.p = cfg.hidden, cfg.preprocess_p
-        self.input_lstm = nn.LSTMCell(4, cfg.hidden)  # (loss, grad) features -> h_t
+        self.input_lstm = FusedLSTMCell(4, cfg.hidden)  # (loss, grad) features -> h_t
         self.w_input = nn.Parameter(torch.empty(cfg.hidden + 2).uniform_(-0.01, 0.01))
         self.w_forget = nn.Parameter(torch.empty(cfg.hidden + 2).uniform_(-0.01, 0.01))
         self.b_input = nn.Parameter(torch.empty(1).uniform_(*cfg.input_bias_init))
@@ -76,8 +77,10 @@ class RaviUpdate(UpdateRule):
     def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
         h, c, i_prev, f_prev = state
         h, c = self.input_lstm(torch.cat([preprocess(loss, self.p), preprocess(grad, self.p)], -1), (h, c))
-        i = torch.sigmoid(torch.cat([h, theta[:, None], i_prev[:, None]], -1) @ self.w_input + self.b_input)
-        f = torch.sigmoid(torch.cat([h, theta[:, None], f_prev[:, None]], -1) @ self.w_forget + self.b_forget)
+        # the gates' h_t terms for all rows in one product; their theta and previous-gate terms are per row
+        from_h = h @ torch.stack([self.w_input[: self.hidden], self.w_forget[: self.hidden]], 1)  # [n, 2]
+        i = torch.sigmoid(from_h[:, 0] + theta * self.w_input[-2] + i_prev * self.w_input[-1] + self.b_input)
+        f = torch.sigmoid(from_h[:, 1] + theta * self.w_forget[-2] + f_prev * self.w_forget[-1] + self.b_forget)
         return f * theta - i * grad, (h, c, i, f)
 
 
@@ -88,8 +91,8 @@ class AndrychowiczUpdate(UpdateRule):
     def __init__(self, cfg: LSTMOptimizerConfig):
         super().__init__()
         self.hidden, self.p, self.scale, self.truncation = cfg.hidden, cfg.preprocess_p, cfg.output_scale, cfg.truncation
-        self.lstm1 = nn.LSTMCell(2, cfg.hidden)
-        self.lstm2 = nn.LSTMCell(cfg.hidden, cfg.hidden)
+        self.lstm1 = FusedLSTMCell(2, cfg.hidden)
+        self.lstm2 = FusedLSTMCell(cfg.hidden, cfg.hidden)
         self.out = nn.Linear(cfg.hidden, 1)
         nn.init.normal_(self.out.weight, std=1e-3)  # start with near-zero updates, then learn them
         nn.init.zeros_(self.out.bias)
