@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from metalstm.allocator import keep_freed_memory
 from metalstm.errors import MetalstmError
 from metalstm.resume import resumable_run
 
@@ -23,6 +24,7 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
 
     In a sweep (``-m``) the error is raised on after the message, so the sweeper records the job (an Optuna
     trial) as failed instead of the whole sweep exiting."""
+    keep_freed_memory()
     try:
         return task(cfg)
     except MetalstmError as e:

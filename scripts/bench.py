@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from metalstm.allocator import keep_freed_memory  # noqa: E402
 from metalstm.core import EpisodeBatch  # noqa: E402
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
 from metalstm.learners import BASE_LEARNERS, build_base_learner  # noqa: E402
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--vectorize", default="auto", choices=["auto", "vmap", "loop"],
                         help="MAML's meta_learner.vectorize (auto: vmap, but a per-task loop for Conv-4 on CPU)")
     args = parser.parse_args()
+    keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
     meta, batch, shape = workload(args.workload, args.device, args.vectorize)
     optimizer = meta.outer_optimizer(1e-3)

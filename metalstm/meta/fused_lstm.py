@@ -72,6 +72,31 @@ class _FusedCell(torch.autograd.Function):
         return grad_xh[:, :k], grad_xh[:, k:], grad_c_prev, grad_weight, grad_bias
 
 
+class _RowProduct(torch.autograd.Function):
+    """x [rows, k] @ weight [k, m] for few columns m; the backward in row blocks (MKL's x^T @ dy over half a
+    million rows with m = 2 is 3x slower than the same sum block by block, dy @ weight^T 4x)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return x @ weight
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        weight_t = weight.t().contiguous()
+        for rows in blocks(len(x), x.device):
+            torch.mm(grad_out[rows], weight_t, out=grad_x[rows])
+            grad_weight.addmm_(x[rows].t(), grad_out[rows])
+        return grad_x, grad_weight
+
+
+def row_product(x: Tensor, weight: Tensor) -> Tensor:
+    """x [rows, k] @ weight [k, m], differentiable, for many rows and few columns."""
+    return _RowProduct.apply(x, weight)
+
+
 class FusedLSTMCell(nn.LSTMCell):
     """``nn.LSTMCell`` (same parameters, same state dict, same results) computed by ``_FusedCell``:
     x [rows, input_size], (h, c) [rows, hidden] -> (h', c')."""

@@ -33,7 +33,7 @@ from metalstm.config import choice, count, positive
 from metalstm.core import EpisodeBatch
 from metalstm.learners.base import Params
 from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
-from metalstm.meta.fused_lstm import FusedLSTMCell
+from metalstm.meta.fused_lstm import FusedLSTMCell, row_product
 
 State = tuple[Tensor, ...]
 
@@ -78,7 +78,7 @@ class RaviUpdate(UpdateRule):
         h, c, i_prev, f_prev = state
         h, c = self.input_lstm(torch.cat([preprocess(loss, self.p), preprocess(grad, self.p)], -1), (h, c))
         # the gates' h_t terms for all rows in one product; their theta and previous-gate terms are per row
-        from_h = h @ torch.stack([self.w_input[: self.hidden], self.w_forget[: self.hidden]], 1)  # [n, 2]
+        from_h = row_product(h, torch.stack([self.w_input[: self.hidden], self.w_forget[: self.hidden]], 1))  # [n, 2]
         i = torch.sigmoid(from_h[:, 0] + theta * self.w_input[-2] + i_prev * self.w_input[-1] + self.b_input)
         f = torch.sigmoid(from_h[:, 1] + theta * self.w_forget[-2] + f_prev * self.w_forget[-1] + self.b_forget)
         return f * theta - i * grad, (h, c, i, f)
@@ -105,7 +105,8 @@ class AndrychowiczUpdate(UpdateRule):
             theta, state = theta.detach(), tuple(s.detach() for s in state)
         h1, c1 = self.lstm1(preprocess(grad, self.p), state[:2])
         h2, c2 = self.lstm2(h1, state[2:])
-        return theta + self.scale * self.out(h2).squeeze(-1), (h1, c1, h2, c2)
+        step = row_product(h2, self.out.weight.t()).squeeze(-1) + self.out.bias
+        return theta + self.scale * step, (h1, c1, h2, c2)
 
 
 UPDATE_RULES: dict[str, type[UpdateRule]] = {"ravi": RaviUpdate, "andrychowicz": AndrychowiczUpdate}
