@@ -20,7 +20,7 @@ from metalstm.errors import ConfigError
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
-from metalstm.meta import META_LEARNERS, build_meta_learner, fused_lstm, refusal
+from metalstm.meta import META_LEARNERS, build_meta_learner, fused_lstm, lstm_optimizer, refusal
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig, RaviUpdate, preprocess
 from metalstm.meta.maml import MAML
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
@@ -188,6 +188,19 @@ def test_lstm_optimizer_runs_a_meta_batch_as_each_task_alone(variant):
         (opt.meta_loss(alone).loss / 3).backward()
     for batched, looped in zip(batched_grads, (p.grad for p in opt.parameters())):
         assert torch.allclose(batched, looped, atol=1e-5)
+
+
+def test_lstm_optimizer_meta_test_in_task_groups_equals_one_batch(monkeypatch):
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    torch.manual_seed(0)
+    opt = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, LSTMOptimizerConfig(test_inner_steps=3))
+    batch = image_tasks().sample("test", 5, torch.Generator().manual_seed(0))
+    whole = opt.predict(batch)
+    monkeypatch.setattr(lstm_optimizer, "PREDICT_ROWS", 2 * opt.flat_init().numel())  # groups of 2, 2 and 1 tasks
+    groups, optimize = [], opt.optimize
+    monkeypatch.setattr(opt, "optimize", lambda x, y, steps: groups.append(len(y)) or optimize(x, y, steps))
+    assert torch.allclose(opt.predict(batch), whole, atol=1e-6)
+    assert groups == [2, 2, 1]
 
 
 @pytest.mark.parametrize("input_size", [4, 20])
