@@ -96,6 +96,8 @@ class MetaLearningModule(pl.LightningModule):
         for name, values in metrics.items():
             if name != "loss":
                 self.log(f"train/{name}", values.mean(), prog_bar=True, batch_size=batch.num_tasks)
+        for name, value in (out.diagnostics or {}).items():
+            self.log(f"train/{name}", value, batch_size=batch.num_tasks)
         return out.loss.detach()
 
     def training_progress(self) -> float:

@@ -190,6 +190,35 @@ def test_lstm_optimizer_runs_a_meta_batch_as_each_task_alone(variant):
         assert torch.allclose(batched, looped, atol=1e-5)
 
 
+def test_ravi_gates_are_summarised_per_inner_step_and_layer():
+    """meta_loss reports the input gate (step size) and forget gate (decay) of every layer after each inner
+    step; at initialisation they are sigmoid(b_I) ~ 0.01 and sigmoid(b_F) ~ 1, as the biases were drawn."""
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    torch.manual_seed(0)
+    opt = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, LSTMOptimizerConfig(inner_steps=2))
+    batch = image_tasks().sample("train", 3, torch.Generator().manual_seed(0))
+    gates = opt.meta_loss(batch).diagnostics
+    layers = {name.rsplit(".", 1)[0] for name in opt.learner.params()}
+    assert set(gates) == {f"gates/{g}/{layer}/step{t}{s}" for g in ("input", "forget") for layer in layers
+                          for t in (1, 2) for s in ("", "_std")}
+    for layer in layers:
+        assert gates[f"gates/input/{layer}/step1"] == pytest.approx(float(torch.sigmoid(opt.update.b_input.detach())), rel=0.05)
+        assert gates[f"gates/forget/{layer}/step2"] == pytest.approx(float(torch.sigmoid(opt.update.b_forget.detach())), abs=1e-3)
+    # a layer's summary is over its coordinates (weight and bias) in every task
+    theta = opt.flat_init().expand(3, -1)
+    loss, grad = opt.support_gradients(theta, batch.support_x, batch.support_y)
+    _, state = opt.update(theta.flatten(), loss.repeat_interleave(theta.shape[1]), grad.flatten(),
+                          opt.update.initial_state(theta.numel(), theta), 0)
+    head = sum(p.numel() for n, p in opt.learner.params().items() if n.startswith("head."))  # the last parameters
+    i = state[2].detach().view(3, -1)[:, -head:]
+    summary = opt.gate_summary(state, 3, 0)
+    assert torch.allclose(summary["gates/input/head/step1"], i.mean())
+    assert torch.allclose(summary["gates/input/head/step1_std"], i.std(correction=0))
+    andrychowicz = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
+                                 LSTMOptimizerConfig(variant="andrychowicz", inner_steps=2))
+    assert andrychowicz.meta_loss(batch).diagnostics == {}
+
+
 def test_lstm_optimizer_meta_test_in_task_groups_equals_one_batch(monkeypatch):
     spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ class MetaConfig(Config):
 class MetaOutput(NamedTuple):
     loss: Tensor  # scalar meta-loss; its gradient w.r.t. the meta-parameters is the meta-gradient
     query_outputs: Tensor  # [B, n_query, out], predictions on the query sets after adaptation
+    diagnostics: dict[str, Tensor] | None = None  # scalars the module logs as train/<name> (the LSTM's gates)
 
 
 class MetaLearner(nn.Module, ABC):

@@ -57,6 +57,10 @@ class UpdateRule(nn.Module):
     def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
         raise NotImplementedError
 
+    def gates(self, state: State) -> dict[str, Tensor]:
+        """The rule's interpretable per-coordinate quantities after a step ([n] each), by name; none by default."""
+        return {}
+
 
 class RaviUpdate(UpdateRule):
     """The cell state is the parameters: theta_t = f_t * theta_{t-1} - i_t * grad_t, with the gates
@@ -83,6 +87,9 @@ class RaviUpdate(UpdateRule):
         i = torch.sigmoid(from_h[:, 0] + theta * self.w_input[-2] + i_prev * self.w_input[-1] + self.b_input)
         f = torch.sigmoid(from_h[:, 1] + theta * self.w_forget[-2] + f_prev * self.w_forget[-1] + self.b_forget)
         return f * theta - i * grad, (h, c, i, f)
+
+    def gates(self, state: State) -> dict[str, Tensor]:
+        return {"input": state[2], "forget": state[3]}  # the learned step size and decay of every coordinate
 
 
 class AndrychowiczUpdate(UpdateRule):
@@ -174,9 +181,10 @@ class LSTMOptimizer(MetaLearner):
 
     # ------------------------------------------------------------------ the learned update
 
-    def optimize(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
+    def optimize(self, x: Tensor, y: Tensor, steps: int, gates: dict[str, Tensor] | None = None) -> Tensor:
         """Run the learned optimizer for ``steps`` on a batch of support sets x [tasks, n, ...];
-        returns theta_T [tasks, P]. Every coordinate of every task is one row of the rule's batch."""
+        returns theta_T [tasks, P]. Every coordinate of every task is one row of the rule's batch.
+        ``gates``: filled with the mean and spread of the rule's gates per inner step and layer."""
         tasks = y.shape[0]
         theta = self.flat_init().expand(tasks, -1)
         state = self.update.initial_state(theta.numel(), theta)
@@ -184,13 +192,30 @@ class LSTMOptimizer(MetaLearner):
             loss, grad = self.support_gradients(theta, x, y)
             flat, state = self.update(theta.flatten(), loss.repeat_interleave(theta.shape[1]), grad.flatten(), state, step)
             theta = flat.view(tasks, -1)
+            if gates is not None:
+                gates.update(self.gate_summary(state, tasks, step))
         return theta
 
+    def gate_summary(self, state: State, tasks: int, step: int) -> dict[str, Tensor]:
+        """gates/<gate>/<layer>/step<t> (mean over the layer's coordinates of all tasks) and .../step<t>_std."""
+        summary = {}
+        for gate, values in self.update.gates(state).items():
+            per_param = values.detach().view(tasks, -1).split([math.prod(s) for s in self.shapes.values()], 1)
+            layers: dict[str, list[Tensor]] = {}
+            for name, part in zip(self.shapes, per_param):
+                layers.setdefault(name.rsplit(".", 1)[0], []).append(part.flatten())
+            for layer, parts in layers.items():
+                v = torch.cat(parts)
+                summary[f"gates/{gate}/{layer}/step{step + 1}"] = v.mean()
+                summary[f"gates/{gate}/{layer}/step{step + 1}_std"] = v.std(correction=0)
+        return summary
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        theta = self.optimize(batch.support_x, batch.support_y, self.cfg.inner_steps)
+        gates: dict[str, Tensor] = {}
+        theta = self.optimize(batch.support_x, batch.support_y, self.cfg.inner_steps, gates)
         outputs = self.query_outputs(theta, batch.query_x, batch.query_y)
         loss = torch.stack([self.loss_fn(o, y) for o, y in zip(outputs, batch.query_y)]).mean()
-        return MetaOutput(loss, outputs.detach())
+        return MetaOutput(loss, outputs.detach(), gates)
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
         """Tasks in groups of at most ``PREDICT_ROWS`` coordinates: memory stays bounded whatever the eval
