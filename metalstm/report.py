@@ -12,6 +12,7 @@ import csv
 import html
 import json
 import math
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,6 +223,51 @@ def plot_curves(report: Report, path: Path) -> bool:
     return True
 
 
+GATE = re.compile(r"train/gates/(?P<gate>\w+)/(?P<layer>.+)/step(?P<step>\d+)$")
+
+
+def gate_values(run: Run) -> dict[str, dict[str, list[tuple[int, float, float]]]]:
+    """gate -> layer -> [(inner step, mean, spread)] at the last logged meta-training step (train/gates/...)."""
+    values: dict[str, dict[str, list[tuple[int, float, float]]]] = {}
+    for key, curve in run.curves.items():
+        match = GATE.match(key)
+        if match:
+            spread = run.curves.get(f"{key}_std", [(0, 0.0)])[-1][1]
+            values.setdefault(match["gate"], {}).setdefault(match["layer"], []).append(
+                (int(match["step"]), curve[-1][1], spread))
+    return values
+
+
+def plot_gates(report: Report, path: Path) -> bool:
+    """The learned optimizer's gates per inner step and layer at the end of meta-training (Ravi & Larochelle's
+    Figure 2): one panel per run and gate, a line per layer, the band one standard deviation over coordinates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels = [(run, gate, layers) for run in report.runs for gate, layers in sorted(gate_values(run).items())]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (run, gate, layers) in zip(axes[0], panels):
+        for layer, points in sorted(layers.items()):
+            steps, means, spreads = zip(*sorted(points))
+            ax.plot(steps, means, marker="o", markersize=3, label=layer)
+            ax.fill_between(steps, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],
+                            alpha=0.15)
+        ax.set_title(f"{gate} gate, {run_label(run, report.keys)}", fontsize=9)
+        ax.set_xlabel("inner step")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_final(report: Report, path: Path) -> bool:
     import matplotlib
 
@@ -302,7 +348,8 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 
 
 def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
-    """Write runs.{csv,md}, seeds.{csv,md} (when runs differ by seed), curves.png, final.png and report.html
+    """Write runs.{csv,md}, seeds.{csv,md} (when runs differ by seed), curves.png, final.png, gates.png (runs of
+    the LSTM optimizer) and report.html
     to ``out``; returns what was written."""
     report = build_report(find_runs(folders))
     out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +360,8 @@ def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
         written["seeds"] = out / "seeds.md"
     images = []
     for name, plot, caption in (("curves", plot_curves, "Learning curves"),
-                                ("final", plot_final, "Final test metrics (error bars: 95% CI over test tasks)")):
+                                ("final", plot_final, "Final test metrics (error bars: 95% CI over test tasks)"),
+                                ("gates", plot_gates, "The learned optimizer's gates per inner step and layer")):
         if plot(report, out / f"{name}.png"):
             written[name] = out / f"{name}.png"
             images.append(embedded_png(out / f"{name}.png", caption, name))

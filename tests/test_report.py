@@ -99,3 +99,23 @@ def test_an_unfinished_run_is_listed_without_metrics(tmp_path):
     assert [(r["run"], r["status"], r["meta_learner.inner_lr"], r["test/acc"]) for r in table] == [
         ("sweep/a", "done", "0.1", "50 ± 2"), ("sweep/b", "unfinished", "0.2", "")]
     assert "seeds" not in written and "final" in written
+
+
+def test_lstm_optimizer_run_reports_its_gates(tmp_path):
+    """A Ravi LSTM-optimizer run logs its gates per inner step and layer; the report plots them."""
+    from metalstm.report import find_runs, gate_values, write_report
+
+    train = run_script("train.py", "meta_learner=lstm_optimizer", "meta_learner.inner_steps=3", "trainer.max_steps=4",
+                       "trainer.log_every_n_steps=2", "trainer.val_check_interval=4", "data.val_tasks=5",
+                       "data.test_tasks=5", "hydra.run.dir=run", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    (run,) = find_runs([tmp_path / "run"])
+    gates = gate_values(run)
+    assert set(gates) == {"input", "forget"}
+    assert set(gates["input"]) == {"body.1", "body.3", "head"}  # the MLP's two hidden layers and its head
+    assert sorted(step for step, _, _ in gates["input"]["head"]) == [1, 2, 3]
+    assert all(0 < mean < 1 and spread >= 0 for layer in gates["forget"].values() for _, mean, spread in layer)
+    written = write_report([tmp_path / "run"], tmp_path / "out")
+    with Image.open(written["gates"]) as image:
+        assert image.format == "PNG" and image.width > 600  # two panels: input and forget
+    assert "<h2>The learned optimizer's gates per inner step and layer</h2>" in (tmp_path / "out" / "report.html").read_text()
