@@ -181,15 +181,19 @@ class LSTMOptimizer(MetaLearner):
 
     # ------------------------------------------------------------------ the learned update
 
-    def optimize(self, x: Tensor, y: Tensor, steps: int, gates: dict[str, Tensor] | None = None) -> Tensor:
+    def optimize(self, x: Tensor, y: Tensor, steps: int, gates: dict[str, Tensor] | None = None,
+                 losses: list[Tensor] | None = None) -> Tensor:
         """Run the learned optimizer for ``steps`` on a batch of support sets x [tasks, n, ...];
         returns theta_T [tasks, P]. Every coordinate of every task is one row of the rule's batch.
-        ``gates``: filled with the mean and spread of the rule's gates per inner step and layer."""
+        ``gates``: filled with the mean and spread of the rule's gates per inner step and layer;
+        ``losses``: appended with each task's support loss [tasks] before every step."""
         tasks = y.shape[0]
         theta = self.flat_init().expand(tasks, -1)
         state = self.update.initial_state(theta.numel(), theta)
         for step in range(steps):
             loss, grad = self.support_gradients(theta, x, y)
+            if losses is not None:
+                losses.append(loss)
             flat, state = self.update(theta.flatten(), loss.repeat_interleave(theta.shape[1]), grad.flatten(), state, step)
             theta = flat.view(tasks, -1)
             if gates is not None:
