@@ -10,6 +10,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from metalstm.config import Component, Config, count, from_dict
 from metalstm.core import TaskSpec
@@ -111,10 +112,12 @@ def instantiate_group(entries: dict | None, where: str, **auto: Any) -> list[Any
     return objects
 
 
-def make_callbacks(config: dict, objective: Objective) -> list[Any]:
-    """The ``callbacks`` group; checkpoints follow the objective's validation metric."""
-    return instantiate_group(config.get("callbacks"), "callbacks", monitor=f"val/{objective.monitor}",
-                             mode=objective.monitor_mode)
+def make_callbacks(config: dict, objective: Objective, keep_best: bool = True) -> list[Any]:
+    """The ``callbacks`` group; checkpoints follow the objective's validation metric. Without ``keep_best``
+    (validation classes are trained on) no best checkpoint is kept: the final weights are what is tested."""
+    callbacks = instantiate_group(config.get("callbacks"), "callbacks", monitor=f"val/{objective.monitor}",
+                                  mode=objective.monitor_mode)
+    return [c for c in callbacks if keep_best or not isinstance(c, ModelCheckpoint)]
 
 
 def make_loggers(config: dict, job_type: str, run_id: str | None = None, resume_step: int | None = None) -> list[Any]:

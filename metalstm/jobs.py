@@ -94,7 +94,7 @@ def train(cfg: DictConfig) -> float | None:
 
     module = build_module(settings, settings.spec, config)  # refuses a learner that cannot learn these tasks
     objective = module.objective
-    callbacks = make_callbacks(config, objective)
+    callbacks = make_callbacks(config, objective, keep_best=settings.data.config.val_held_out)
     loggers = make_loggers(config, "train", config["run_id"], resume_step)  # nothing is written until they log
     trainer: pl.Trainer = instantiate_checked(config["trainer"], "trainer", callbacks=callbacks,
                                               logger=loggers or False, plugins=[AtomicCheckpointIO()])
@@ -136,8 +136,14 @@ def train(cfg: DictConfig) -> float | None:
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
     log.info("%s  [results: %s]", line, output_dir / "results.json")
-    tested = best or ("none: checkpointing is off" if checkpoint is None else
-                      "none: no validation ran, so the final weights were tested")
+    if best:
+        tested = best
+    elif not settings.data.config.val_held_out:
+        tested = "final weights (data.trainval: the validation classes were trained on, so none is 'best')"
+    elif checkpoint is None:
+        tested = "none: checkpointing is off"
+    else:
+        tested = "none: no validation ran, so the final weights were tested"
     print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {tested}\n  results:     {output_dir / 'results.json'}")
     return best_score
 

@@ -46,7 +46,8 @@ class ClassTasks:
         (0..255, served as floats in [0, 1]) or float examples of any shape (served as they are).
     counts: examples of each class [num_classes] when classes differ in size (the rest of each row of
         ``images`` is padding, never drawn); None when every class has ``images.shape[1]``.
-    split_classes: for each of train/val/test, the indices of its classes (pairwise disjoint).
+    split_classes: for each of train/val/test, the indices of its classes (pairwise disjoint, except that
+        ``val_in_train`` lets the train split hold the val classes: meta-training on train + val).
     rotate_splits: splits whose image classes are augmented with 90/180/270-degree rotations,
         each rotation counted as a new class (Santoro et al. 2016, Vinyals et al. 2016).
     groups: a group id for every class [num_classes] (Omniglot: its alphabet): each task then draws all its
@@ -69,6 +70,7 @@ class ClassTasks:
         counts: Tensor | None = None,
         train_ways: int | None = None,
         groups: Tensor | None = None,
+        val_in_train: bool = False,
     ):
         if (images.dtype == torch.uint8) != (images.dim() == 5) or images.dim() < 3:
             raise ValueError("examples must be uint8 images [classes, samples, channels, H, W] or float [classes, samples, ...]")
@@ -81,6 +83,7 @@ class ClassTasks:
         self.info = info or {}
         self.counts = counts
         self.groups = groups
+        self.val_in_train = val_in_train
         # within groups: per split, the group of each (class, rotation) pair and the groups with enough classes
         self.pair_groups: dict[str, Tensor] = {}
         self.eligible_groups: dict[str, Tensor] = {}
@@ -98,12 +101,13 @@ class ClassTasks:
     def _check(self) -> None:
         if self.rotate_splits and self.images.dtype != torch.uint8:
             raise ValueError("rotate_splits rotates images, but these examples are not images")
-        seen: set[int] = set()
-        for split in SPLITS:
-            ids = set(self.split_classes[split].tolist())
-            if ids & seen:
-                raise ValueError(f"split {split!r} shares classes with an earlier split")
-            seen |= ids
+        train, val, test = (set(self.split_classes[s].tolist()) for s in SPLITS)
+        if test & (train | val):
+            raise ValueError("split 'test' shares classes with an earlier split")
+        if self.val_in_train and not val <= train:
+            raise ValueError("val_in_train: the train split must hold every val class")
+        if not self.val_in_train and train & val:
+            raise ValueError("split 'val' shares classes with an earlier split")
         per_class = self.images.shape[1] if self.counts is None else int(self.counts.min())
         for split in SPLITS:
             available = self.num_classes(split)

@@ -40,6 +40,11 @@ class EpisodeConfig(Config):
         """The TaskSpec of the tasks this config describes (the source built from it has the same)."""
         raise NotImplementedError
 
+    @property
+    def val_held_out(self) -> bool:
+        """Whether meta-training never sees the validation classes, so the best validated checkpoint is tested."""
+        return True
+
 
 def task_seed(seed: int, split: str, index: int) -> int:
     """A 63-bit seed for fixed task ``index`` of ``split``; stable across runs and platforms."""

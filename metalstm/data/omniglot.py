@@ -54,6 +54,9 @@ class OmniglotConfig(ClassEpisodeConfig):
     split_seed: int = count(0, minimum=0)  # for the random and lake splits; independent of the training seed
     rotate_splits: list[str] = setting(factory=lambda: ["train"], choices=SPLITS)  # rotations by 90/180/270 as new classes
     within_alphabet: bool = False  # every task's classes from one alphabet (Lake et al.'s harder protocol)
+    # meta-train on the train and validation characters (1,200 in the Vinyals split, as Snell et al. and Nichol et
+    # al.); validation then scores trained-on classes, so no best checkpoint is kept and the final weights are tested
+    trainval: bool = False
     meta_batch_size: int = count(32)
     eval_batch_size: int = count(50)
 
@@ -68,10 +71,16 @@ class OmniglotConfig(ClassEpisodeConfig):
     def example_shape(self) -> tuple[int, ...]:
         return (1, self.image_size, self.image_size)
 
+    @property
+    def val_held_out(self) -> bool:
+        return not self.trainval
+
 
 def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
     images, names = load_omniglot(Path(cfg.root).expanduser(), cfg.image_size, cfg.invert, cfg.download, cfg.cache_dir)
     splits = split_characters(names, cfg.split, cfg.split_seed)
+    if cfg.trainval:
+        splits["train"] = splits["train"] + splits["val"]
     groups = None
     if cfg.within_alphabet:
         alphabets = [name.rsplit("/", 1)[0] for name in names]
@@ -87,7 +96,9 @@ def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
         train_shots=cfg.train_shots, train_ways=cfg.train_ways,
         rotate_splits=cfg.rotate_splits,
         groups=groups,
-        info={"dataset": "omniglot", "split": cfg.split, "image_size": cfg.image_size, "root": str(cfg.root)},
+        val_in_train=cfg.trainval,
+        info={"dataset": "omniglot", "split": cfg.split, "trainval": cfg.trainval, "image_size": cfg.image_size,
+              "root": str(cfg.root)},
     )
 
 
