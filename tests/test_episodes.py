@@ -245,6 +245,31 @@ def test_within_group_tasks_draw_every_class_from_one_group():
         coded_tasks(groups=groups, ways=7)
 
 
+def test_val_classes_may_be_trained_on_only_when_asked():
+    trainval = {"train": torch.arange(0, 24), "val": torch.arange(18, 24), "test": torch.arange(24, 30)}
+    tasks = ClassTasks(coded_images(), trainval, ways=5, shots=2, query=3, eval_query=4, val_in_train=True)
+    drawn = decode(tasks.sample("train", 300, torch.Generator().manual_seed(0)).support_x)[0]
+    assert set(drawn.unique().tolist()) == set(range(24))  # validation classes are meta-trained on
+    with pytest.raises(ValueError, match="'val' shares classes"):
+        ClassTasks(coded_images(), trainval, ways=5, shots=2, query=3, eval_query=4)
+    leaky = trainval | {"test": torch.arange(20, 30)}
+    with pytest.raises(ValueError, match="'test' shares classes"):
+        ClassTasks(coded_images(), leaky, ways=5, shots=2, query=3, eval_query=4, val_in_train=True)
+    partial = trainval | {"train": torch.arange(0, 20)}
+    with pytest.raises(ValueError, match="must hold every val class"):
+        ClassTasks(coded_images(), partial, ways=5, shots=2, query=3, eval_query=4, val_in_train=True)
+
+
+def test_omniglot_trainval_trains_on_the_validation_characters(omniglot_fixture, cache_dir):
+    common = dict(root=str(omniglot_fixture), cache_dir=str(cache_dir), split="lake", download=False)
+    plain = build_omniglot(OmniglotConfig(**common)).describe()["classes"]
+    trainval = build_omniglot(OmniglotConfig(**common, trainval=True))
+    assert trainval.describe()["classes"] == {"train": plain["train"] + 4 * plain["val"], "val": plain["val"],
+                                             "test": plain["test"]}  # rotations of the train split only
+    assert set(trainval.split_classes["val"].tolist()) <= set(trainval.split_classes["train"].tolist())
+    assert not OmniglotConfig(**common, trainval=True).val_held_out and OmniglotConfig(**common).val_held_out
+
+
 def test_omniglot_within_alphabet_tasks(omniglot_fixture, cache_dir):
     cfg = OmniglotConfig(root=str(omniglot_fixture), cache_dir=str(cache_dir), split="lake", download=False,
                          within_alphabet=True, rotate_splits=[])

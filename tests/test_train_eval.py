@@ -70,6 +70,27 @@ def test_protonet_with_running_batchnorm_statistics_trains_and_evaluates(tmp_pat
     assert again["metrics"]["test/acc"] == pytest.approx(results["metrics"]["test/acc"])  # same statistics, same tasks
 
 
+def test_trainval_run_tests_its_final_weights(tmp_path, omniglot_fixture, cache_dir):
+    """data.trainval: validation classes are trained on, so no best checkpoint is kept; train.py and eval.py
+    both test the final weights (last.ckpt), on the same tasks, with the same number."""
+    train = run_script(
+        "train.py", "+experiment=omniglot_5way_protonet", *fixture_overrides(omniglot_fixture, cache_dir),
+        "data.trainval=true", "data.train_ways=10", "trainer.max_steps=6", "trainer.val_check_interval=3",
+        "data.val_tasks=4", "data.test_tasks=10", cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "checkpoint:  final weights (data.trainval" in train.stdout
+    run = run_dir_of(tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    results = json.loads((run / "results.json").read_text())
+    assert results["checkpoint"] is None and results["data"]["trainval"] is True
+    evaluation = run_script("eval.py", f"run_dir={run}", cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    again = json.loads(sorted((tmp_path / "outputs" / "eval").glob("*/*/results.json"))[0].read_text())
+    assert again["metrics"]["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
+
+
 def test_default_sinusoid_run_learns(tmp_path):
     """The embedded default, shortened: MAML beats the unadapted initialisation on the fixed test tasks."""
     result = run_script("train.py", "trainer.max_steps=500", "trainer.val_check_interval=250", "data.test_tasks=200",
