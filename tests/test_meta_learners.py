@@ -219,6 +219,26 @@ def test_ravi_gates_are_summarised_per_inner_step_and_layer():
     assert andrychowicz.meta_loss(batch).diagnostics == {}
 
 
+def test_lstm_optimizer_learns_its_rule_at_its_own_rate():
+    """theta_0 moves at optim.meta_lr, the update rule at rule_lr_scale times it: after one Adam step each
+    parameter has moved by about its group's rate (Adam's first step is lr * sign(grad))."""
+    spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
+    torch.manual_seed(0)
+    opt = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
+                        LSTMOptimizerConfig(inner_steps=2, rule_lr_scale=10.0))
+    optimizer = opt.outer_optimizer(1e-3)
+    before = {n: p.detach().clone() for n, p in opt.named_parameters()}
+    opt.meta_loss(image_tasks().sample("train", 3, torch.Generator().manual_seed(0))).loss.backward()
+    optimizer.step()
+    moved = {"update.": 0.0, "learner.": 0.0}  # the largest change in each group (Adam's epsilon shrinks tiny ones)
+    for name, p in opt.named_parameters():
+        group = "update." if name.startswith("update.") else "learner."
+        assert name.startswith(group)
+        moved[group] = max(moved[group], (p.detach() - before[name]).abs().max().item())
+    assert moved["update."] == pytest.approx(1e-2, rel=1e-3) and moved["learner."] == pytest.approx(1e-3, rel=1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(before)
+
+
 def test_lstm_optimizer_meta_test_in_task_groups_equals_one_batch(monkeypatch):
     spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
     torch.manual_seed(0)

@@ -135,6 +135,7 @@ class LSTMOptimizerConfig(MetaConfig):
     input_bias_init: tuple[float, float] = (-5.0, -4.0)  # ravi: i ~ 0.01, a small SGD step
     output_scale: float = positive(0.1)  # andrychowicz
     truncation: int | None = count(None)  # andrychowicz: backprop through the last N inner steps (null: all)
+    rule_lr_scale: float = positive(1.0)  # the update rule's meta learning rate, as a multiple of optim.meta_lr
 
     def check(self) -> None:
         for key in ("forget_bias_init", "input_bias_init"):
@@ -151,6 +152,12 @@ class LSTMOptimizer(MetaLearner):
         if not cfg.learn_init:
             learner.requires_grad_(False)
         self.update = UPDATE_RULES[cfg.variant](cfg)
+
+    def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
+        """Adam over theta_0 at meta_lr and over the update rule at ``rule_lr_scale`` * meta_lr."""
+        groups = [{"params": list(self.learner.parameters()), "lr": meta_lr},
+                  {"params": list(self.update.parameters()), "lr": meta_lr * self.cfg.rule_lr_scale}]
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=meta_lr)
 
     # ------------------------------------------------------------------ flat parameter vectors
 
