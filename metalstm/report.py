@@ -58,6 +58,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def natural_key(parts: list[str] | tuple[str, ...]) -> list[list[Any]]:
+    """Sort key that orders numbers by value: run 2 before run 10, layer body.3 before body.10 (each part splits
+    into text, number, text, ...: the types line up between any two keys)."""
+    return [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", part)] for part in parts]
+
+
 def find_runs(folders: list[Path]) -> list[Run]:
     """Every run folder in or below ``folders`` (multirun sweeps hold one per job), in order."""
     runs: list[Run] = []
@@ -65,7 +71,7 @@ def find_runs(folders: list[Path]) -> list[Run]:
         if not folder.is_dir():
             raise DataError(f"{folder} is not a folder. Pass run folders or sweep folders (outputs/multirun/<date>/<time>).")
         configs = sorted((p for p in folder.rglob("config.yaml") if p.parent.name == ".hydra"),
-                         key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+                         key=lambda p: natural_key(p.parts))
         for config_file in configs:
             run_dir = config_file.parent.parent
             name = str(run_dir.relative_to(folder.parent)) if run_dir != folder else folder.name
@@ -252,7 +258,7 @@ def plot_gates(report: Report, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (run, gate, layers) in zip(axes[0], panels):
-        for layer, points in sorted(layers.items()):
+        for layer, points in sorted(layers.items(), key=lambda item: natural_key([item[0]])):
             steps, means, spreads = zip(*sorted(points))
             ax.plot(steps, means, marker="o", markersize=3, label=layer)
             ax.fill_between(steps, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],

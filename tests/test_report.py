@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_script
-from metalstm.report import student_t_ci95
+from metalstm.report import natural_key, student_t_ci95
 
 
 def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -99,6 +99,13 @@ def test_an_unfinished_run_is_listed_without_metrics(tmp_path):
     assert [(r["run"], r["status"], r["meta_learner.inner_lr"], r["test/acc"]) for r in table] == [
         ("sweep/a", "done", "0.1", "50 ± 2"), ("sweep/b", "unfinished", "0.2", "")]
     assert "seeds" not in written and "final" in written
+
+
+def test_runs_and_layers_sort_by_their_numbers():
+    """Sweep jobs 2 before 10 (a named folder beside numbered ones must not break the sort); Conv-4 layers in order."""
+    paths = [Path("sweep/10/.hydra"), Path("sweep/extra/.hydra"), Path("sweep/2/.hydra")]
+    assert sorted(paths, key=lambda p: natural_key(p.parts)) == [paths[2], paths[0], paths[1]]
+    assert sorted(["head", "body.10", "body.3", "body.0"], key=lambda s: natural_key([s])) == ["body.0", "body.3", "body.10", "head"]
 
 
 def test_lstm_optimizer_run_reports_its_gates(tmp_path):
