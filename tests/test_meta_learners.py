@@ -26,7 +26,7 @@ from metalstm.meta.maml import MAML
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
-from metalstm.objectives import Classification
+from metalstm.objectives import Classification, get_objective
 
 
 def group_options(group: str) -> list[str]:
@@ -217,6 +217,37 @@ def test_ravi_gates_are_summarised_per_inner_step_and_layer():
     andrychowicz = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
                                  LSTMOptimizerConfig(variant="andrychowicz", inner_steps=2))
     assert andrychowicz.meta_loss(batch).diagnostics == {}
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_ravi_with_constant_gates_is_maml_with_decay(second_order):
+    """With the gates' weights at zero, i = sigmoid(b_I) and f = sigmoid(b_F) everywhere, and Ravi's update is
+    theta_t = f theta_{t-1} - i grad_t: theta_0's meta-gradient equals that of this inner loop written with plain
+    autograd, differentiating through the gradients (second_order) or treating them as constants (both papers)."""
+    spec = {"task_type": "regression", "input_shape": (1,), "output_dim": 1}
+    torch.manual_seed(0)
+    loss_fn = get_objective("regression").loss
+    opt = LSTMOptimizer(MLP(MLPConfig(hidden=[8]), spec), loss_fn, spec,
+                        LSTMOptimizerConfig(inner_steps=3, second_order=second_order, input_bias_init=(-1.0, -1.0),
+                                            forget_bias_init=(3.0, 3.0)))
+    with torch.no_grad():
+        opt.update.w_input.zero_(), opt.update.w_forget.zero_()
+    x, qx = torch.randn(3, 5, 1), torch.randn(3, 6, 1)
+    batch = EpisodeBatch(x, torch.sin(x), qx, torch.sin(qx))
+    opt.meta_loss(batch).loss.backward()
+    ours = torch.cat([p.grad.flatten() for p in opt.learner.parameters()])
+    i, f = torch.sigmoid(torch.tensor(-1.0)), torch.sigmoid(torch.tensor(3.0))
+    theta0 = opt.flat_init().detach().requires_grad_()
+    losses = []
+    for sx, sy, tx, ty in zip(*batch):
+        phi = theta0
+        for _ in range(3):
+            (g,) = torch.autograd.grad(loss_fn(opt.learner.forward_with(opt.unflatten(phi), sx), sy), phi,
+                                       create_graph=second_order)
+            phi = f * phi - i * g
+        losses.append(loss_fn(opt.learner.forward_with(opt.unflatten(phi), tx), ty))
+    (reference,) = torch.autograd.grad(torch.stack(losses).mean(), theta0)
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_lstm_optimizer_learns_its_rule_at_its_own_rate():

@@ -121,6 +121,8 @@ def test_lstm_optimizer_run_reports_its_gates(tmp_path):
     assert set(gates) == {"input", "forget"}
     assert set(gates["input"]) == {"body.1", "body.3", "head"}  # the MLP's two hidden layers and its head
     assert sorted(step for step, _, _ in gates["input"]["head"]) == [1, 2, 3]
+    # computed and logged on the steps Lightning writes (every log_every_n_steps), not on every step
+    assert [s for s, _ in run.curves["train/gates/input/head/step1"]] == [s for s, _ in run.curves["train/loss"]] == [1, 3]
     assert all(0 < mean < 1 and spread >= 0 for layer in gates["forget"].values() for _, mean, spread in layer)
     written = write_report([tmp_path / "run"], tmp_path / "out")
     with Image.open(written["gates"]) as image:

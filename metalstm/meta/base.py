@@ -47,6 +47,7 @@ class MetaLearner(nn.Module, ABC):
         super().__init__()
         self.learner, self.loss_fn = learner, loss_fn
         self.progress = 0.0  # fraction of meta-training done, set by the module (for annealing)
+        self.diagnose = True  # report MetaOutput.diagnostics; the module turns it off on steps that log nothing
 
     @property
     def bn_policy(self) -> str:

@@ -3,7 +3,9 @@
 Every parameter coordinate is one row of a batch that shares the LSTM's weights. Gradients and
 losses enter as inputs, preprocessed as in Andrychowicz et al. (2016), p = 10:
     x -> (log|x| / p, sign x)   if |x| >= e^-p,   else (-1, e^p x).
-They are detached: second derivatives through the learner's gradients are dropped (both papers).
+They are detached: second derivatives through the learner's gradients are dropped (both papers),
+unless ``second_order`` (ravi): the LSTM's inputs stay constants, but the gradient in
+theta_t = f_t * theta_{t-1} - i_t * grad_t keeps its graph, so theta_0 gets MAML's meta-gradient.
 
 variant="ravi" (Ravi & Larochelle 2017): the cell state *is* the learner's parameters,
     i_t = sigmoid(W_I [h_t, theta_{t-1}, i_{t-1}] + b_I)        learned step size
@@ -81,7 +83,7 @@ class RaviUpdate(UpdateRule):
 
     def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
         h, c, i_prev, f_prev = state
-        h, c = self.input_lstm(torch.cat([preprocess(loss, self.p), preprocess(grad, self.p)], -1), (h, c))
+        h, c = self.input_lstm(torch.cat([preprocess(loss.detach(), self.p), preprocess(grad.detach(), self.p)], -1), (h, c))
         # the gates' h_t terms for all rows in one product; their theta and previous-gate terms are per row
         from_h = row_product(h, torch.stack([self.w_input[: self.hidden], self.w_forget[: self.hidden]], 1))  # [n, 2]
         i = torch.sigmoid(from_h[:, 0] + theta * self.w_input[-2] + i_prev * self.w_input[-1] + self.b_input)
@@ -136,12 +138,16 @@ class LSTMOptimizerConfig(MetaConfig):
     output_scale: float = positive(0.1)  # andrychowicz
     truncation: int | None = count(None)  # andrychowicz: backprop through the last N inner steps (null: all)
     rule_lr_scale: float = positive(1.0)  # the update rule's meta learning rate, as a multiple of optim.meta_lr
+    second_order: bool = False  # ravi: differentiate through the gradient in theta_t = f theta - i grad (as MAML)
 
     def check(self) -> None:
         for key in ("forget_bias_init", "input_bias_init"):
             low, high = getattr(self, key)
             if not low <= high:
                 self.refuse(f"meta_learner.{key}=[{low}, {high}] must be a range [low, high] with low <= high.")
+        if self.second_order and self.variant != "ravi":
+            self.refuse(f"meta_learner.second_order=true needs variant=ravi: {self.variant}'s update sees the gradient "
+                        "only through the LSTM's inputs, which stay constants. Drop second_order or use variant=ravi.")
 
 
 class LSTMOptimizer(MetaLearner):
@@ -174,10 +180,10 @@ class LSTMOptimizer(MetaLearner):
         loss = self.loss_fn(self.learner.forward_with(self.unflatten(flat), x, y), y)
         return loss, loss.detach()
 
-    def support_gradients(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """theta [tasks, P], support x [tasks, n, ...] -> loss [tasks] and gradient [tasks, P], as
-        constants (no second order); all tasks at once."""
-        grad, loss = vmap(torch.func.grad(self.task_loss, has_aux=True))(theta.detach(), x, y)
+    def support_gradients(self, theta: Tensor, x: Tensor, y: Tensor, keep_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """theta [tasks, P], support x [tasks, n, ...] -> loss [tasks] (a constant) and gradient [tasks, P], all
+        tasks at once; the gradient is a constant too unless ``keep_graph`` (second order)."""
+        grad, loss = vmap(torch.func.grad(self.task_loss, has_aux=True))(theta if keep_graph else theta.detach(), x, y)
         return loss, grad
 
     def query_outputs(self, theta: Tensor, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -197,8 +203,9 @@ class LSTMOptimizer(MetaLearner):
         tasks = y.shape[0]
         theta = self.flat_init().expand(tasks, -1)
         state = self.update.initial_state(theta.numel(), theta)
+        second_order = self.cfg.second_order and torch.is_grad_enabled()
         for step in range(steps):
-            loss, grad = self.support_gradients(theta, x, y)
+            loss, grad = self.support_gradients(theta, x, y, keep_graph=second_order)
             if losses is not None:
                 losses.append(loss)
             flat, state = self.update(theta.flatten(), loss.repeat_interleave(theta.shape[1]), grad.flatten(), state, step)
@@ -222,7 +229,7 @@ class LSTMOptimizer(MetaLearner):
         return summary
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        gates: dict[str, Tensor] = {}
+        gates: dict[str, Tensor] | None = {} if self.diagnose else None
         theta = self.optimize(batch.support_x, batch.support_y, self.cfg.inner_steps, gates)
         outputs = self.query_outputs(theta, batch.query_x, batch.query_y)
         loss = torch.stack([self.loss_fn(o, y) for o, y in zip(outputs, batch.query_y)]).mean()

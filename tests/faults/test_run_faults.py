@@ -28,6 +28,8 @@ SHORT = ["trainer.max_steps=6", "trainer.val_check_interval=3", "callbacks.last_
     (["meta_learner.name=mamll"], ["meta_learner.name='mamll'", "maml", "reptile"]),
     (["+meta_learner.inner_stepz=3"], ["meta_learner.inner_stepz", "inner_steps"]),
     (["data.shots=10", "data.eval_query=15"], ["data.shots + data.eval_query = 25", "Omniglot has 20"]),
+    (["meta_learner=lstm_optimizer", "meta_learner.variant=andrychowicz", "meta_learner.second_order=true"],
+     ["meta_learner.second_order=true", "variant=ravi"]),
 ])
 def test_impossible_config_is_refused_before_the_data_is_read(overrides, words, tmp_path, capsys):
     # data.root does not exist: the config error must come first
