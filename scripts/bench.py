@@ -79,6 +79,7 @@ def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, E
     method = w.get("meta", {**MAML, "vectorize": vectorize})
     meta = build_meta_learner(META_LEARNERS.parse(method), learner, objective.loss, spec)
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
+    meta.diagnose = False  # as the training loop runs it between the steps it logs (no gate summaries)
     mode = f" vectorize={meta.vectorize_mode(batch.support_x)}" if hasattr(meta, "vectorize_mode") else ""
     return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 

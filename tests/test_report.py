@@ -105,7 +105,8 @@ def test_runs_and_layers_sort_by_their_numbers():
     """Sweep jobs 2 before 10 (a named folder beside numbered ones must not break the sort); Conv-4 layers in order."""
     paths = [Path("sweep/10/.hydra"), Path("sweep/extra/.hydra"), Path("sweep/2/.hydra")]
     assert sorted(paths, key=lambda p: natural_key(p.parts)) == [paths[2], paths[0], paths[1]]
-    assert sorted(["head", "body.10", "body.3", "body.0"], key=lambda s: natural_key([s])) == ["body.0", "body.3", "body.10", "head"]
+    layers = ["head", "body.10", "body.3", "body.0"]
+    assert sorted(layers, key=lambda s: natural_key([s])) == ["body.0", "body.3", "body.10", "head"]
 
 
 def test_lstm_optimizer_run_reports_its_gates(tmp_path):
