@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -37,6 +38,31 @@ class Classification:
         loss = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none")
         acc = (outputs.argmax(-1) == targets).float().mean(-1) * 100.0  # percent, as papers report
         return {"loss": loss.view(targets.shape).mean(-1), "acc": acc}
+
+
+class Stream(Classification):
+    """Santoro et al.'s online episodes: every example of the stream is answered before its label is shown.
+    acc_<k> is the accuracy on the k-th presentation of a class (the paper's instances 1, 2, 3, 5, 10), NaN
+    for a task whose classes never appear k times."""
+
+    instances = (1, 2, 3, 5, 10)
+    metrics = ("loss", "acc", *(f"acc_{k}" for k in instances))
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        metrics = super().task_metrics(outputs, targets)
+        correct = (outputs.argmax(-1) == targets).float()
+        presentation = instance_numbers(targets)
+        for k in self.instances:
+            at_k = (presentation == k).float()
+            metrics[f"acc_{k}"] = (correct * at_k).sum(-1) / at_k.sum(-1) * 100.0  # 0 / 0 = NaN: no k-th instance
+        return metrics
+
+
+def instance_numbers(labels: Tensor) -> Tensor:
+    """[B, n] labels -> [B, n]: how many times each position's class has appeared so far, itself included
+    (1 for a class's first example)."""
+    same = labels.unsqueeze(-1) == labels.unsqueeze(-2)  # [B, n, n]: position t, earlier position s
+    return torch.tril(same).sum(-1)
 
 
 class Regression:
@@ -84,7 +110,7 @@ class Forecast(Regression):
 
 
 OBJECTIVES: dict[str, type] = {"classification": Classification, "regression": Regression, "forecast": Forecast,
-                               "seq2seq": Seq2Seq}
+                               "seq2seq": Seq2Seq, "stream": Stream}
 
 
 def get_objective(task_type: str) -> Objective:

@@ -522,3 +522,66 @@ def test_running_batchnorm_is_refused_by_meta_learners_that_vmap_the_base_learne
         with pytest.raises(ConfigError, match="base_learner.norm=running.*base_learner.norm=batch"):
             build_meta_learner(component, learner, Classification().loss, spec)
     assert {n for n, e in META_LEARNERS.items() if not e.impl.running_norm} >= {"reptile", "lstm_optimizer"}
+
+
+# ------------------------------------------------------------------ Santoro et al.'s online episodes (stream)
+
+def stream_tasks() -> ClassTasks:
+    """image_tasks' classes as streams: 4 drawings of each of 5 classes per training stream, 3 at evaluation."""
+    base = image_tasks()
+    return ClassTasks(base.images, base.split_classes, ways=5, shots=1, query=4, eval_query=3, stream=True)
+
+
+def test_a_stream_episode_has_no_support_set_and_each_class_in_random_order():
+    tasks = stream_tasks()
+    assert tasks.spec["task_type"] == "stream"
+    batch = tasks.sample("train", 6, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (6, 0, 1, 4, 4) and batch.query_x.shape == (6, 20, 1, 4, 4)
+    assert all(torch.equal(y.bincount(minlength=5), torch.full((5,), 4)) for y in batch.query_y)
+    assert len({tuple(y.tolist()) for y in batch.query_y}) == 6  # each stream has its own order
+    assert tasks.sample("test", 2, torch.Generator().manual_seed(0)).query_y.shape == (2, 15)
+    # every drawing keeps its label through the shuffle: same draws without the stream form, sorted by label
+    plain = ClassTasks(tasks.images, tasks.split_classes, ways=5, shots=0, query=4, eval_query=3)
+    same = plain.sample("train", 6, torch.Generator().manual_seed(0))
+    for t in range(6):
+        order = batch.query_y[t].argsort(stable=True)
+        assert torch.equal(batch.query_x[t, order].sort(0).values, same.query_x[t].sort(0).values)
+
+
+def test_instances_count_each_class_presentations():
+    from metalstm.objectives import Stream, instance_numbers
+
+    y = torch.tensor([[2, 0, 2, 2, 0, 1]])
+    assert instance_numbers(y).tolist() == [[1, 1, 2, 3, 2, 1]]
+    answers = torch.tensor([[0, 0, 2, 1, 0, 1]])  # wrong, right, right, wrong, right, right
+    metrics = Stream().task_metrics(torch.nn.functional.one_hot(answers, 3).float(), y)
+    assert metrics["acc"].item() == pytest.approx(400 / 6)
+    assert metrics["acc_1"].item() == pytest.approx(200 / 3) and metrics["acc_2"].item() == 100.0
+    assert metrics["acc_3"].item() == 0.0 and metrics["acc_5"].isnan()  # no class shown 5 times
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_memory_lstm_answers_each_step_of_a_stream_before_its_label_is_shown(attention):
+    """Changing the label of step t changes no answer up to step t, and (the label being read) later answers."""
+    spec = stream_tasks().spec
+    torch.manual_seed(0)
+    memory = MemoryLSTM(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
+                        MemoryLSTMConfig(hidden=16, attention=attention))
+    batch = stream_tasks().sample("train", 2, torch.Generator().manual_seed(0))
+    outputs = memory.predict(batch)
+    assert outputs.shape == (2, 20, 5)
+    t = 7
+    relabelled = batch.query_y.clone()
+    relabelled[:, t] = (relabelled[:, t] + 1) % 5
+    changed = memory.predict(batch._replace(query_y=relabelled))
+    assert torch.equal(changed[:, : t + 1], outputs[:, : t + 1])
+    assert not torch.allclose(changed[:, t + 1], outputs[:, t + 1])
+    memory.meta_loss(batch).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in memory.parameters() if p.grad is not None)
+
+
+def test_stream_tasks_are_refused_where_they_cannot_apply():
+    spec = stream_tasks().spec
+    assert "stream" in refusal(MAML, "maml", spec) and refusal(MemoryLSTM, "memory_lstm", spec) is None
+    with pytest.raises(ConfigError, match="meta_learner.labels=previous"):
+        MemoryLSTM(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, MemoryLSTMConfig(labels="current"))

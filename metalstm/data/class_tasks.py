@@ -32,8 +32,9 @@ class ClassEpisodeConfig(EpisodeConfig):
         return class_spec(self.example_shape(), self.ways, self.train_ways)
 
 
-def class_spec(input_shape: tuple[int, ...], ways: int, train_ways: int | None) -> TaskSpec:
-    spec: TaskSpec = {"task_type": "classification", "input_shape": tuple(input_shape), "output_dim": ways}
+def class_spec(input_shape: tuple[int, ...], ways: int, train_ways: int | None, stream: bool = False) -> TaskSpec:
+    spec: TaskSpec = {"task_type": "stream" if stream else "classification", "input_shape": tuple(input_shape),
+                      "output_dim": ways}
     if train_ways is not None and train_ways != ways:
         spec["train_ways"] = train_ways
     return spec
@@ -52,6 +53,9 @@ class ClassTasks:
         each rotation counted as a new class (Santoro et al. 2016, Vinyals et al. 2016).
     groups: a group id for every class [num_classes] (Omniglot: its alphabet): each task then draws all its
         classes from one group, chosen uniformly among the split's groups with enough classes; None: any classes.
+    stream: Santoro et al.'s (2016) online episodes: no support set; the query set is a stream of ``query``
+        (``eval_query`` at validation and test) examples of each class in random order, every one answered
+        before its label is shown (task_type "stream"); ``shots`` is not used.
     """
 
     task_type = "classification"
@@ -71,6 +75,7 @@ class ClassTasks:
         train_ways: int | None = None,
         groups: Tensor | None = None,
         val_in_train: bool = False,
+        stream: bool = False,
     ):
         if (images.dtype == torch.uint8) != (images.dim() == 5) or images.dim() < 3:
             raise ValueError("examples must be uint8 images [classes, samples, channels, H, W] or float [classes, samples, ...]")
@@ -84,6 +89,9 @@ class ClassTasks:
         self.counts = counts
         self.groups = groups
         self.val_in_train = val_in_train
+        self.stream = stream
+        if stream:
+            self.shots = self.train_shots = 0
         # within groups: per split, the group of each (class, rotation) pair and the groups with enough classes
         self.pair_groups: dict[str, Tensor] = {}
         self.eligible_groups: dict[str, Tensor] = {}
@@ -135,7 +143,7 @@ class ClassTasks:
 
     @property
     def spec(self) -> TaskSpec:
-        return class_spec(tuple(self.images.shape[2:]), self.ways, self.train_ways)
+        return class_spec(tuple(self.images.shape[2:]), self.ways, self.train_ways, self.stream)
 
     def to(self, device: torch.device | str) -> ClassTasks:
         """Keep the examples on ``device`` (one tensor; Omniglot at 28 px is 25 MB): episodes are gathered there,
@@ -176,12 +184,17 @@ class ClassTasks:
             x = x.float().div_(255.0)
         shape = x.shape[3:]
         labels = torch.arange(ways, device=device)
-        return EpisodeBatch(
-            support_x=x[:, :, :shots].reshape(num_tasks, -1, *shape),
+        batch = EpisodeBatch(
+            support_x=x[:, :, :shots].reshape(num_tasks, ways * shots, *shape),  # (no -1: a stream has no support)
             support_y=labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous(),
             query_x=x[:, :, shots:].reshape(num_tasks, -1, *shape),
             query_y=labels.repeat_interleave(query).expand(num_tasks, -1).contiguous(),
         )
+        if not self.stream:
+            return batch
+        order = torch.rand(num_tasks, ways * query, generator=generator).argsort(1).to(device)  # the stream's order
+        return batch._replace(query_x=batch.query_x[torch.arange(num_tasks, device=device)[:, None], order],
+                              query_y=batch.query_y.gather(1, order))
 
     def describe(self) -> dict:
         return {
@@ -195,5 +208,6 @@ class ClassTasks:
             "classes": {s: self.num_classes(s) for s in SPLITS},
             "rotate_splits": list(self.rotate_splits),
             "within_groups": self.groups is not None,
+            "stream": self.stream,
             "example_shape": list(self.images.shape[2:]),
         }

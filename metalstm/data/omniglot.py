@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from metalstm.config import choice, count, setting
-from metalstm.core import SPLITS
-from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
+from metalstm.core import SPLITS, TaskSpec
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec
 from metalstm.data.images import cache_folders, cached, prepare_image
 from metalstm.errors import DataError
 from metalstm.files import atomic_write
@@ -57,19 +57,29 @@ class OmniglotConfig(ClassEpisodeConfig):
     # meta-train on the train and validation characters (1,200 in the Vinyals split, as Snell et al. and Nichol et
     # al.); validation then scores trained-on classes, so no best checkpoint is kept and the final weights are tested
     trainval: bool = False
+    # Santoro et al.'s online episodes: no support set; a stream of data.query (data.eval_query at validation and
+    # test) drawings of each of data.ways characters in random order, each answered before its label is shown
+    stream: bool = False
     meta_batch_size: int = count(32)
     eval_batch_size: int = count(50)
 
     def check(self) -> None:
         train_shots = self.shots if self.train_shots is None else self.train_shots
+        if self.stream and self.train_shots is not None:
+            self.refuse("data.stream=true has no support set, so data.train_shots has no meaning; remove it.")
+        shots = 0 if self.stream else self.shots
+        train_shots = 0 if self.stream else train_shots
         for key, total in (("data.train_shots + data.query", train_shots + self.query),
-                           ("data.shots + data.eval_query", self.shots + self.eval_query)):
+                           ("data.shots + data.eval_query", shots + self.eval_query)):
             if total > DRAWINGS_PER_CHARACTER:
                 self.refuse(f"{key} = {total} drawings per character, but Omniglot has {DRAWINGS_PER_CHARACTER}; "
                             f"lower them.")
 
     def example_shape(self) -> tuple[int, ...]:
         return (1, self.image_size, self.image_size)
+
+    def spec(self) -> TaskSpec:
+        return class_spec(self.example_shape(), self.ways, self.train_ways, self.stream)
 
     @property
     def val_held_out(self) -> bool:
@@ -97,6 +107,7 @@ def build_omniglot(cfg: OmniglotConfig) -> ClassTasks:
         rotate_splits=cfg.rotate_splits,
         groups=groups,
         val_in_train=cfg.trainval,
+        stream=cfg.stream,
         info={"dataset": "omniglot", "split": cfg.split, "trainval": cfg.trainval, "image_size": cfg.image_size,
               "root": str(cfg.root)},
     )

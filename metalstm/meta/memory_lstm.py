@@ -12,6 +12,10 @@ With ``attention`` a SNAIL-style (Mishra et al. 2018) soft attention lets each q
 support position; as in SNAIL's dense blocks, keys and values are the position's (embedding, label)
 concatenated with the LSTM's output there. A key pairs x_t with its own label y_t, which in the offset
 form arrives one step later: the key spans two input steps, as SNAIL's causal convolutions do.
+
+On stream tasks (Santoro et al.'s online episodes: no support set) the LSTM reads the query stream itself,
+(x_t, y_t-1) at step t, and answers every step; the attention read at step t sees positions s < t only,
+whose labels have been shown by then.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 
 from metalstm.config import choice, count
 from metalstm.core import EpisodeBatch
+from metalstm.errors import ConfigError
 from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 
 
@@ -37,13 +42,16 @@ class MemoryLSTMConfig(MetaConfig):
 
 
 class MemoryLSTM(MetaLearner):
-    task_types = ("classification", "regression")  # one label per example fills the label slot
+    task_types = ("classification", "regression", "stream")  # one label per example fills the label slot
     running_norm = True
 
     def __init__(self, learner, loss_fn, spec, cfg: MemoryLSTMConfig):
         super().__init__(learner, loss_fn)
         self.cfg = cfg
-        self.classification = spec["task_type"] == "classification"
+        self.classification = spec["task_type"] in ("classification", "stream")
+        if spec["task_type"] == "stream" and cfg.labels != "previous":
+            raise ConfigError(f"meta_learner.labels={cfg.labels} shows each example's label with it, but a stream "
+                              "task is answered before its label is shown; use meta_learner.labels=previous.")
         self.label_dim = spec["output_dim"]
         self.lstm = nn.LSTM(learner.embed_dim + self.label_dim, cfg.hidden, cfg.layers, batch_first=True)
         readout = cfg.hidden
@@ -89,11 +97,34 @@ class MemoryLSTM(MetaLearner):
             read = torch.cat([read, (scores / self.cfg.hidden**0.5).softmax(-1) @ keys], -1)
         return self.readout(read)
 
+    def forward_stream(self, x: Tensor, y: Tensor) -> Tensor:
+        """A stream x [B, n, ...] with labels y [B, n] -> outputs [B, n, out], step t answered from x_1..x_t and
+        y_1..y_t-1 only."""
+        z = self.embed(x)
+        labels = self.label_slot(y)
+        shown = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)  # y_t-1 arrives with x_t
+        inputs = torch.cat([z, shown], -1)
+        read, _ = self.lstm(inputs)
+        if self.cfg.attention:
+            keys = torch.cat([z, labels, read], -1)  # position s with its own label: usable from step s + 1 on
+            scores = self.attend_query(torch.cat([inputs, read], -1)) @ self.attend_key(keys).transpose(1, 2)
+            n = y.shape[1]
+            later = torch.ones(n, n, dtype=torch.bool, device=y.device).triu()  # s >= t: not yet labelled
+            weights = (scores / self.cfg.hidden**0.5).masked_fill(later, -1e9).softmax(-1)  # exp(-1e9) = 0 exactly
+            weights = weights * (torch.arange(n, device=y.device) > 0).view(n, 1)  # step 1 has nothing to read
+            read = torch.cat([read, weights @ keys], -1)
+        return self.readout(read)
+
+    def outputs(self, batch: EpisodeBatch, generator: torch.Generator | None) -> Tensor:
+        if batch.support_x.shape[1] == 0:  # a stream task
+            return self.forward_stream(batch.query_x, batch.query_y)
+        return self.forward_tasks(batch, generator)
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        outputs = self.forward_tasks(batch, None)
+        outputs = self.outputs(batch, None)
         loss = torch.stack([self.loss_fn(o, y) for o, y in zip(outputs, batch.query_y)]).mean()
         return MetaOutput(loss, outputs.detach())
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
         with torch.no_grad():
-            return self.forward_tasks(batch, torch.Generator().manual_seed(0))
+            return self.outputs(batch, torch.Generator().manual_seed(0))
