@@ -24,7 +24,7 @@ from metalstm.assembly import build_module, parse
 from metalstm.checkpointing import find_checkpoint, load_checkpoint, restore_weights
 from metalstm.core import EpisodeBatch
 from metalstm.data.images import IMAGE_SUFFIXES, image_files, prepare_image
-from metalstm.errors import CheckpointError, DataError
+from metalstm.errors import CheckpointError, ConfigError, DataError
 from metalstm.module import MetaLearningModule
 
 
@@ -93,6 +93,10 @@ class Learner:
 
     def adapt(self, support: Any, labels: Sequence[Any] | Tensor) -> AdaptedTask:
         """Adapt to a support set: examples and their labels (any hashable class names for classification)."""
+        if self.spec["task_type"] == "stream":
+            raise ConfigError("This learner was meta-trained on streams (data.stream=true), which have no support set: "
+                              "it answers each example before seeing its label, so adapt/predict do not apply. "
+                              "Evaluate it with eval.py, or meta-train with data.stream=false.")
         x = self.prepare(support)
         if self.spec["task_type"] != "classification":
             return AdaptedTask(self, x, torch.as_tensor(labels).to(self.device), None)

@@ -353,9 +353,56 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 """
 
 
+INSTANCE = re.compile(r"test/acc_(?P<k>\d+)$")
+# Santoro et al. (2016), Table 1, Omniglot, 5 classes: accuracy (%) at the 1st, 2nd, 3rd, 5th and 10th instance
+SANTORO_ROWS = {"LSTM (Santoro et al.)": {1: 24.4, 2: 49.5, 3: 55.3, 5: 63.6, 10: 62.5},
+                "MANN (Santoro et al.)": {1: 36.4, 2: 82.8, 3: 91.0, 5: 94.9, 10: 98.1}}
+
+
+def instance_accuracy(run: Run) -> list[tuple[int, float, float]]:
+    """[(instance k, test accuracy, its 95% CI)] of a stream run (test/acc_<k>), in order of k; [] otherwise."""
+    points = []
+    for name in (run.results or {}).get("metrics", {}):
+        match = INSTANCE.match(name)
+        if match and run.metric(name):
+            points.append((int(match["k"]), *run.metric(name)))
+    return sorted(points)
+
+
+def plot_instances(report: Report, path: Path) -> bool:
+    """Accuracy at the k-th presentation of a class (stream runs: Santoro et al.'s protocol), with the paper's
+    LSTM and MANN rows drawn in (dashed) for comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(run, points) for run in report.runs if (points := instance_accuracy(run))]
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for run, points in runs:
+        ks, accs, cis = zip(*points)
+        ax.errorbar(ks, accs, yerr=cis, marker="o", capsize=3, label=run_label(run, report.keys))
+    for label, row in SANTORO_ROWS.items():
+        ax.plot(list(row), list(row.values()), linestyle="--", marker="x", color="grey", alpha=0.7)
+        ax.annotate(label, (10, row[10]), textcoords="offset points", xytext=(-4, 4), ha="right", fontsize=7,
+                    color="grey")
+    ax.set_xlabel("instance (k-th presentation of a class)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks([1, 2, 3, 5, 10])
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
     """Write runs.{csv,md}, seeds.{csv,md} (when runs differ by seed), curves.png, final.png, gates.png (runs of
-    the LSTM optimizer) and report.html
+    the LSTM optimizer), instances.png (stream runs) and report.html
     to ``out``; returns what was written."""
     report = build_report(find_runs(folders))
     out.mkdir(parents=True, exist_ok=True)
@@ -367,7 +414,8 @@ def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
     images = []
     for name, plot, caption in (("curves", plot_curves, "Learning curves"),
                                 ("final", plot_final, "Final test metrics (error bars: 95% CI over test tasks)"),
-                                ("gates", plot_gates, "The learned optimizer's gates per inner step and layer")):
+                                ("gates", plot_gates, "The learned optimizer's gates per inner step and layer"),
+                                ("instances", plot_instances, "Accuracy by instance, Santoro et al.'s rows dashed")):
         if plot(report, out / f"{name}.png"):
             written[name] = out / f"{name}.png"
             images.append(embedded_png(out / f"{name}.png", caption, name))

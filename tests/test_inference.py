@@ -12,13 +12,14 @@ from PIL import Image
 from conftest import run_script
 from metalstm import load_learner
 from metalstm.assembly import build
-from metalstm.errors import DataError
+from metalstm.errors import ConfigError, DataError
 from test_meta_learners import METHODS, tiny_config
 
 
-def trained_run(meta, variant, base, data, root, cache, tmp_path):
+def trained_run(meta, variant, base, data, root, cache, tmp_path, **data_settings):
     """A run trained for 2 steps; its checkpoint written as train.py writes it."""
     config = tiny_config(meta, variant, base, data, root, cache, tmp_path)
+    config["data"].update(data_settings)
     module, datamodule = build(config)
     trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
@@ -67,6 +68,13 @@ def test_any_image_size_and_files_work_and_bad_inputs_are_explained(tmp_path, om
         learner.adapt(files[:3], ["a", "b", "c"])
     with pytest.raises(DataError, match="uint8"):
         task.predict([np.zeros((28, 28), dtype=np.float64)])
+
+
+def test_a_stream_learner_is_refused_with_a_reason(tmp_path, omniglot_fixture, cache_dir):
+    trained_run("memory_lstm", None, "conv4", "omniglot", omniglot_fixture, cache_dir, tmp_path, stream=True)
+    learner = load_learner(tmp_path, device="cpu")
+    with pytest.raises(ConfigError, match="data.stream=true.*no support set"):
+        learner.adapt([np.zeros((28, 28), dtype=np.uint8)] * 5, ["a", "b", "c", "d", "e"])
 
 
 def test_regression_learner_takes_arrays(tmp_path, omniglot_fixture, cache_dir):

@@ -109,6 +109,22 @@ def test_runs_and_layers_sort_by_their_numbers():
     assert sorted(layers, key=lambda s: natural_key([s])) == ["body.0", "body.3", "body.10", "head"]
 
 
+def test_stream_runs_plot_accuracy_by_instance(tmp_path):
+    """Santoro-protocol runs (test/acc_<k>) get instances.png; runs without those metrics do not."""
+    from metalstm.report import Run, build_report, instance_accuracy, plot_instances
+
+    metrics = {"test/acc": 50.0, "test/acc_1": 30.0, "test/acc_1_ci95": 2.0, "test/acc_10": 80.0,
+               "test/acc_10_ci95": 1.5, "test/acc_2": 60.0, "test/acc_2_ci95": 2.5, "test/acc_5": float("nan")}
+    stream = Run(tmp_path / "a", "a", {"meta_learner.attention": True}, {"metrics": metrics})
+    assert instance_accuracy(stream) == [(1, 30.0, 2.0), (2, 60.0, 2.5), (10, 80.0, 1.5)]  # NaN (no 5th) left out
+    plain = Run(tmp_path / "b", "b", {"meta_learner.attention": False}, {"metrics": {"test/acc": 90.0}})
+    assert instance_accuracy(plain) == []
+    assert not plot_instances(build_report([plain]), tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    assert plot_instances(build_report([stream, plain]), tmp_path / "instances.png")
+    with Image.open(tmp_path / "instances.png") as image:
+        assert image.format == "PNG"
+
+
 def test_lstm_optimizer_run_reports_its_gates(tmp_path):
     """A Ravi LSTM-optimizer run logs its gates per inner step and layer; the report plots them."""
     from metalstm.report import find_runs, gate_values, write_report
