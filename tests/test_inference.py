@@ -13,7 +13,10 @@ from conftest import run_script
 from metalstm import load_learner
 from metalstm.assembly import build
 from metalstm.errors import ConfigError, DataError
-from test_meta_learners import METHODS, tiny_config
+from metalstm.meta import META_LEARNERS
+from test_meta_learners import METHODS, compose_meta_name, tiny_config
+
+IMAGE_METHODS = [(m, v) for m, v in METHODS if "classification" in META_LEARNERS[compose_meta_name(m)].impl.task_types]
 
 
 def trained_run(meta, variant, base, data, root, cache, tmp_path, **data_settings):
@@ -36,7 +39,7 @@ def as_raw_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-@pytest.mark.parametrize("meta, variant", METHODS, ids=[f"{m}-{v}" if v else m for m, v in METHODS])
+@pytest.mark.parametrize("meta, variant", IMAGE_METHODS, ids=[f"{m}-{v}" if v else m for m, v in IMAGE_METHODS])
 def test_every_meta_learner_round_trips_through_load_learner(meta, variant, tmp_path, omniglot_fixture, cache_dir):
     module, datamodule = trained_run(meta, variant, "conv4", "omniglot", omniglot_fixture, cache_dir, tmp_path)
     episode = datamodule.source.sample("test", 1, torch.Generator().manual_seed(5))
@@ -75,6 +78,16 @@ def test_a_stream_learner_is_refused_with_a_reason(tmp_path, omniglot_fixture, c
     learner = load_learner(tmp_path, device="cpu")
     with pytest.raises(ConfigError, match="data.stream=true.*no support set"):
         learner.adapt([np.zeros((28, 28), dtype=np.uint8)] * 5, ["a", "b", "c", "d", "e"])
+
+
+def test_sequence_learner_round_trips_through_load_learner(tmp_path, omniglot_fixture, cache_dir):
+    """The in-context sequence learner (no image input): tokens in, the same greedy decoding out."""
+    module, datamodule = trained_run("memory_seq2seq", None, "lstm_seq2seq", "seq_tasks", omniglot_fixture, cache_dir,
+                                     tmp_path)
+    episode = datamodule.source.sample("test", 1, torch.Generator().manual_seed(3))
+    expected = module.meta_learner.predict(episode)[0]
+    task = load_learner(tmp_path, device="cpu").adapt(episode.support_x[0], episode.support_y[0])
+    assert torch.allclose(task.predict(episode.query_x[0]), expected, atol=1e-6)
 
 
 def test_regression_learner_takes_arrays(tmp_path, omniglot_fixture, cache_dir):

@@ -514,6 +514,8 @@ def test_running_batchnorm_is_refused_by_meta_learners_that_vmap_the_base_learne
     learner = Conv4(Conv4Config(filters=4, blocks=2, norm="running"), spec)
     for name, entry in META_LEARNERS.items():
         component = META_LEARNERS.parse({"name": name})
+        if refusal(entry.impl, name, spec) is not None:
+            continue  # cannot learn image classification at all (memory_seq2seq)
         if entry.impl.running_norm:
             meta = build_meta_learner(component, learner, Classification().loss, spec)
             if isinstance(meta, MAML):  # adapts task by task, so BatchNorm can update its statistics
@@ -585,3 +587,47 @@ def test_stream_tasks_are_refused_where_they_cannot_apply():
     assert "stream" in refusal(MAML, "maml", spec) and refusal(MemoryLSTM, "memory_lstm", spec) is None
     with pytest.raises(ConfigError, match="meta_learner.labels=previous"):
         MemoryLSTM(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, MemoryLSTMConfig(labels="current"))
+
+
+# ------------------------------------------------------------------ in-context sequence-to-sequence learning
+
+@pytest.fixture
+def seq_setup():
+    from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
+    from metalstm.meta.memory_seq2seq import MemorySeq2Seq, MemorySeq2SeqConfig
+
+    source = SeqTasks(SeqTasksConfig(shots=3, query=4, eval_query=4, max_length=5))
+    learner = build_base_learner(BASE_LEARNERS.parse({"name": "lstm_seq2seq", "hidden": 8, "input_dim": 4}), source.spec)
+    torch.manual_seed(0)
+    memory = MemorySeq2Seq(learner, get_objective("seq2seq").loss, source.spec, MemorySeq2SeqConfig(hidden=16, embed=8))
+    return memory, source.sample("train", 2, torch.Generator().manual_seed(0))
+
+
+def test_memory_seq2seq_greedy_decoding_is_teacher_forcing_on_its_own_tokens(seq_setup):
+    memory, batch = seq_setup
+    greedy = memory.predict(batch)
+    assert greedy.shape == (*batch.query_y.shape, memory.readout.out_features)
+    assert torch.equal(memory.predict(batch._replace(query_y=torch.zeros_like(batch.query_y))), greedy)  # no peeking
+    own_tokens = batch._replace(query_y=greedy.argmax(-1))
+    assert torch.allclose(memory.forward_tasks(own_tokens, teacher=True), greedy, atol=1e-5)
+    teacher = memory.forward_tasks(batch, teacher=True)
+    assert not torch.allclose(teacher, greedy)  # the true tokens differ from an untrained model's
+
+
+def test_memory_seq2seq_step_j_reads_targets_before_j_only(seq_setup):
+    memory, batch = seq_setup
+    outputs = memory.forward_tasks(batch, teacher=True)
+    j = 2
+    changed = batch.query_y.clone()
+    changed[:, :, j] = changed[:, :, j] % 8 + 1
+    again = memory.forward_tasks(batch._replace(query_y=changed), teacher=True)
+    assert torch.equal(again[:, :, : j + 1], outputs[:, :, : j + 1])
+    assert not torch.allclose(again[:, :, j + 1], outputs[:, :, j + 1])
+    other_rule = torch.where(batch.support_y > 0, batch.support_y % 8 + 1, batch.support_y)
+    assert not torch.allclose(memory.forward_tasks(batch._replace(support_y=other_rule), teacher=True), outputs)
+
+
+def test_memory_seq2seq_is_refused_on_tasks_without_token_targets():
+    spec = {"task_type": "forecast", "input_shape": (5, 1), "output_dim": 1, "output_length": 5}
+    reason = refusal(META_LEARNERS["memory_seq2seq"].impl, "memory_seq2seq", spec)
+    assert "seq2seq" in reason and "forecast" in reason

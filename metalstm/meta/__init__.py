@@ -13,6 +13,7 @@ from metalstm.meta.base import LossFn, MetaConfig, MetaLearner, MetaOutput
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
+from metalstm.meta.memory_seq2seq import MemorySeq2Seq, MemorySeq2SeqConfig
 from metalstm.meta.pretrain_finetune import PretrainFinetune, PretrainFinetuneConfig
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
@@ -22,6 +23,7 @@ META_LEARNERS.register("maml", MAMLConfig, MAML)
 META_LEARNERS.register("reptile", ReptileConfig, Reptile)
 META_LEARNERS.register("lstm_optimizer", LSTMOptimizerConfig, LSTMOptimizer)
 META_LEARNERS.register("memory_lstm", MemoryLSTMConfig, MemoryLSTM)
+META_LEARNERS.register("memory_seq2seq", MemorySeq2SeqConfig, MemorySeq2Seq)
 META_LEARNERS.register("protonet", ProtoNetConfig, ProtoNet)
 META_LEARNERS.register("pretrain_finetune", PretrainFinetuneConfig, PretrainFinetune)
 
