@@ -201,6 +201,16 @@ def run_label(run: Run, keys: list[str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(run.config.get(k))}" for k in keys) or run.name
 
 
+def save_figure(fig: Any, path: Path) -> bool:
+    """Lay out, write as a PNG and close a matplotlib figure; True (the plot functions' "written")."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_curves(report: Report, path: Path) -> bool:
     import matplotlib
 
@@ -223,10 +233,7 @@ def plot_curves(report: Report, path: Path) -> bool:
         ax.set_xlabel("meta-training step")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 GATE = re.compile(r"train/gates/(?P<gate>\w+)/(?P<layer>.+)/step(?P<step>\d+)$")
@@ -268,10 +275,7 @@ def plot_gates(report: Report, path: Path) -> bool:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def plot_final(report: Report, path: Path) -> bool:
@@ -294,10 +298,7 @@ def plot_final(report: Report, path: Path) -> bool:
         ax.set_xticks(range(len(pairs)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{metric} (95% CI over test tasks)")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def html_table(rows: list[dict[str, str]], row_class: str | Callable[[dict[str, str]], str],
@@ -394,10 +395,7 @@ def plot_instances(report: Report, path: Path) -> bool:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_report(folders: list[Path], out: Path) -> dict[str, Path]:

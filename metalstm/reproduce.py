@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from metalstm.errors import ConfigError
 from metalstm.files import atomic_write, write_json
-from metalstm.report import MAIN_METRICS, embedded_png, html_table, markdown_table, read_curves, render_probe
+from metalstm.report import MAIN_METRICS, embedded_png, html_table, markdown_table, read_curves, render_probe, save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = REPO / "configs" / "reproduce"
@@ -358,10 +358,7 @@ def plot_validation(found: list[Outcome], path: Path) -> bool:
         ax.set_xlabel("meta-training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 PAGE = """<!DOCTYPE html>
