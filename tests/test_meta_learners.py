@@ -536,7 +536,7 @@ def stream_tasks() -> ClassTasks:
 
 def test_a_stream_episode_has_no_support_set_and_each_class_in_random_order():
     tasks = stream_tasks()
-    assert tasks.spec["task_type"] == "stream"
+    assert tasks.spec["task_type"] == tasks.task_type == "stream"
     batch = tasks.sample("train", 6, torch.Generator().manual_seed(0))
     assert batch.support_x.shape == (6, 0, 1, 4, 4) and batch.query_x.shape == (6, 20, 1, 4, 4)
     assert all(torch.equal(y.bincount(minlength=5), torch.full((5,), 4)) for y in batch.query_y)

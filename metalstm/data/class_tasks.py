@@ -91,7 +91,7 @@ class ClassTasks:
         self.val_in_train = val_in_train
         self.stream = stream
         if stream:
-            self.shots = self.train_shots = 0
+            self.task_type, self.shots, self.train_shots = "stream", 0, 0
         # within groups: per split, the group of each (class, rotation) pair and the groups with enough classes
         self.pair_groups: dict[str, Tensor] = {}
         self.eligible_groups: dict[str, Tensor] = {}
