@@ -201,21 +201,26 @@ def run_label(run: Run, keys: list[str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(run.config.get(k))}" for k in keys) or run.name
 
 
-def save_figure(fig: Any, path: Path) -> bool:
-    """Lay out, write as a PNG and close a matplotlib figure; True (the plot functions' "written")."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def plot_curves(report: Report, path: Path) -> bool:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: figures go to files, no display needed (imported when first plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> bool:
+    """Lay out, write as a PNG and close a matplotlib figure; True (the plot functions' "written")."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return True
+
+
+def plot_curves(report: Report, path: Path) -> bool:
+    plt = pyplot()
 
     val_names = sorted({k for r in report.runs for k in r.curves if k.startswith("val/") and k != "val/loss"})
     panels = [("train/loss", "meta-training loss")] + [(k, f"validation {k[4:]}") for k in val_names]
@@ -254,10 +259,7 @@ def gate_values(run: Run) -> dict[str, dict[str, list[tuple[int, float, float]]]
 def plot_gates(report: Report, path: Path) -> bool:
     """The learned optimizer's gates per inner step and layer at the end of meta-training (Ravi & Larochelle's
     Figure 2): one panel per run and gate, a line per layer, the band one standard deviation over coordinates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     panels = [(run, gate, layers) for run in report.runs for gate, layers in sorted(gate_values(run).items())]
@@ -279,10 +281,7 @@ def plot_gates(report: Report, path: Path) -> bool:
 
 
 def plot_final(report: Report, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     scored = [(m, [(r, r.metric(m)) for r in report.runs if r.metric(m)]) for m in report.metrics]
     scored = [(m, pairs) for m, pairs in scored if pairs]
@@ -373,10 +372,7 @@ def instance_accuracy(run: Run) -> list[tuple[int, float, float]]:
 def plot_instances(report: Report, path: Path) -> bool:
     """Accuracy at the k-th presentation of a class (stream runs: Santoro et al.'s protocol), with the paper's
     LSTM and MANN rows drawn in (dashed) for comparison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [(run, points) for run in report.runs if (points := instance_accuracy(run))]
     if not runs:

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from metalstm.errors import ConfigError
 from metalstm.files import atomic_write, write_json
-from metalstm.report import MAIN_METRICS, embedded_png, html_table, markdown_table, read_curves, render_probe, save_figure
+from metalstm.report import MAIN_METRICS, embedded_png, html_table, markdown_table, pyplot, read_curves, render_probe, save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = REPO / "configs" / "reproduce"
@@ -337,10 +337,7 @@ SUMMARY_COLUMNS = ["method", "setting", "published", "ours (95% CI)", "differenc
 
 
 def plot_validation(found: list[Outcome], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     trained = [o for o in found if o.row.experiment and any(k.startswith("val/") for k in o.curves)]
     if not trained:

@@ -22,6 +22,7 @@ from metalstm.errors import ConfigError, MetalstmError  # noqa: E402
 from metalstm.files import write_json  # noqa: E402
 from metalstm.inference import load_learner  # noqa: E402
 from metalstm.meta.lstm_optimizer import LSTMOptimizer  # noqa: E402
+from metalstm.report import pyplot, save_figure  # noqa: E402
 
 HAND_DESIGNED = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "RMSprop": torch.optim.RMSprop}
 LEARNING_RATES = [10 ** (k / 2) for k in range(-8, 2)]  # 1e-4 ... 3.16
@@ -96,12 +97,7 @@ def main() -> None:
     write_json(out / "curves.json", {"run": str(args.run), "steps": steps, "tasks": args.tasks,
                                      "tuned_lr": tuned, "curves": curves})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for label, curve in curves.items():
         mean, ci = torch.tensor(curve["mean"]), torch.tensor(curve["ci95"])
         ax.plot(range(len(mean)), mean, label=label)
@@ -112,9 +108,7 @@ def main() -> None:
     ax.set_title("Learned LSTM optimizer vs hand-designed ones, from the same initialisation", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png")
     finals = ", ".join(f"{label} {curve['mean'][-1]:.4g}" for label, curve in curves.items())
     print(f"final training loss after {steps} steps: {finals}\nwritten: {out / 'curves.png'}, {out / 'curves.json'}")
 
