@@ -41,6 +41,11 @@ class MemoryLSTMConfig(MetaConfig):
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 
 
+def one_step_late(labels: Tensor) -> Tensor:
+    """[B, n, d] -> the label slots of the offset form: step t holds y_t-1 (zeros at step 1)."""
+    return torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
+
+
 class MemoryLSTM(MetaLearner):
     task_types = ("classification", "regression", "stream")  # one label per example fills the label slot
     running_norm = True
@@ -81,8 +86,7 @@ class MemoryLSTM(MetaLearner):
         labels = self.label_slot(sy)  # [B, n_s, label_dim]
         b, n_q = z_query.shape[:2]
         if self.cfg.labels == "previous":  # shift by one step; the last label comes with the queries
-            support_labels = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
-            query_labels = labels[:, -1:].expand(b, n_q, -1)
+            support_labels, query_labels = one_step_late(labels), labels[:, -1:].expand(b, n_q, -1)
         else:
             support_labels, query_labels = labels, labels.new_zeros(b, n_q, self.label_dim)
         support_in = torch.cat([z_support, support_labels], -1)
@@ -93,26 +97,30 @@ class MemoryLSTM(MetaLearner):
         read = self.lstm(query_in.reshape(b * n_q, 1, -1), state)[0].view(b, n_q, -1)
         if self.cfg.attention:
             keys = torch.cat([z_support, labels, support_out], -1)  # x_t with its own label y_t
-            scores = self.attend_query(torch.cat([query_in, read], -1)) @ self.attend_key(keys).transpose(1, 2)
-            read = torch.cat([read, (scores / self.cfg.hidden**0.5).softmax(-1) @ keys], -1)
+            read = torch.cat([read, self.attend(torch.cat([query_in, read], -1), keys)], -1)
         return self.readout(read)
+
+    def attend(self, queries: Tensor, keys: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """The attention read: queries [B, T, dq] over positions keys [B, S, dk] -> [B, T, dk]. ``hidden`` [T, S]:
+        True where a position may not be read yet; a query with none readable reads zeros."""
+        scores = self.attend_query(queries) @ self.attend_key(keys).transpose(1, 2) / self.cfg.hidden**0.5
+        if hidden is None:
+            return scores.softmax(-1) @ keys
+        weights = scores.masked_fill(hidden, -1e9).softmax(-1)  # exp(-1e9) = 0 exactly
+        return (weights * ~hidden.all(-1, keepdim=True)) @ keys
 
     def forward_stream(self, x: Tensor, y: Tensor) -> Tensor:
         """A stream x [B, n, ...] with labels y [B, n] -> outputs [B, n, out], step t answered from x_1..x_t and
         y_1..y_t-1 only."""
         z = self.embed(x)
         labels = self.label_slot(y)
-        shown = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)  # y_t-1 arrives with x_t
-        inputs = torch.cat([z, shown], -1)
+        inputs = torch.cat([z, one_step_late(labels)], -1)  # y_t-1 arrives with x_t
         read, _ = self.lstm(inputs)
         if self.cfg.attention:
             keys = torch.cat([z, labels, read], -1)  # position s with its own label: usable from step s + 1 on
-            scores = self.attend_query(torch.cat([inputs, read], -1)) @ self.attend_key(keys).transpose(1, 2)
             n = y.shape[1]
-            later = torch.ones(n, n, dtype=torch.bool, device=y.device).triu()  # s >= t: not yet labelled
-            weights = (scores / self.cfg.hidden**0.5).masked_fill(later, -1e9).softmax(-1)  # exp(-1e9) = 0 exactly
-            weights = weights * (torch.arange(n, device=y.device) > 0).view(n, 1)  # step 1 has nothing to read
-            read = torch.cat([read, weights @ keys], -1)
+            unlabelled = torch.ones(n, n, dtype=torch.bool, device=y.device).triu()  # s >= t: not yet labelled
+            read = torch.cat([read, self.attend(torch.cat([inputs, read], -1), keys, unlabelled)], -1)
         return self.readout(read)
 
     def outputs(self, batch: EpisodeBatch, generator: torch.Generator | None) -> Tensor:
