@@ -363,9 +363,8 @@ def instance_accuracy(run: Run) -> list[tuple[int, float, float]]:
     """[(instance k, test accuracy, its 95% CI)] of a stream run (test/acc_<k>), in order of k; [] otherwise."""
     points = []
     for name in (run.results or {}).get("metrics", {}):
-        match = INSTANCE.match(name)
-        if match and run.metric(name):
-            points.append((int(match["k"]), *run.metric(name)))
+        if (match := INSTANCE.match(name)) and (value := run.metric(name)):
+            points.append((int(match["k"]), *value))
     return sorted(points)
 
 

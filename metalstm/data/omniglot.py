@@ -64,11 +64,10 @@ class OmniglotConfig(ClassEpisodeConfig):
     eval_batch_size: int = count(50)
 
     def check(self) -> None:
-        train_shots = self.shots if self.train_shots is None else self.train_shots
         if self.stream and self.train_shots is not None:
             self.refuse("data.stream=true has no support set, so data.train_shots has no meaning; remove it.")
         shots = 0 if self.stream else self.shots
-        train_shots = 0 if self.stream else train_shots
+        train_shots = shots if self.train_shots is None else self.train_shots
         for key, total in (("data.train_shots + data.query", train_shots + self.query),
                            ("data.shots + data.eval_query", shots + self.eval_query)):
             if total > DRAWINGS_PER_CHARACTER:

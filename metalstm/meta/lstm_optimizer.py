@@ -161,9 +161,8 @@ class LSTMOptimizer(MetaLearner):
 
     def outer_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         """Adam over theta_0 at meta_lr and over the update rule at ``rule_lr_scale`` * meta_lr."""
-        groups = [{"params": list(self.learner.parameters()), "lr": meta_lr},
-                  {"params": list(self.update.parameters()), "lr": meta_lr * self.cfg.rule_lr_scale}]
-        return torch.optim.Adam([g for g in groups if g["params"]], lr=meta_lr)
+        return torch.optim.Adam([{"params": self.learner.parameters()},
+                                 {"params": self.update.parameters(), "lr": meta_lr * self.cfg.rule_lr_scale}], lr=meta_lr)
 
     # ------------------------------------------------------------------ flat parameter vectors
 
