@@ -303,6 +303,27 @@ def test_fused_lstm_cell_matches_torchs_cell_in_values_and_gradients(input_size,
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+def test_fused_lstm_cell_from_the_zero_state_matches_torchs_cell(x_needs_grad, monkeypatch):
+    """state=None is the zero state (nn.LSTMCell's hx=None): the same values and weight gradients, over two steps,
+    whether or not x needs a gradient (the LSTM optimizers' inputs do not; that gradient is then skipped)."""
+    monkeypatch.setattr(fused_lstm, "BLOCK_ROWS", 64)
+    torch.manual_seed(0)
+    reference = torch.nn.LSTMCell(4, 20)
+    fused = fused_lstm.FusedLSTMCell(4, 20)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(150, 4, requires_grad=x_needs_grad)
+    results = []
+    for cell in (reference, fused):
+        h1, c1 = cell(x)
+        h2, c2 = cell(x.cos(), (h1, c1))
+        loss = (h2 * torch.linspace(-1, 1, 20)).sum() + (c2 ** 2).sum() + (h1 * c1).sum()
+        inputs = [x, *cell.parameters()] if x_needs_grad else list(cell.parameters())
+        results.append((h1, c1, h2, c2, *torch.autograd.grad(loss, inputs)))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_ravi_update_is_its_formula():
     """RaviUpdate's gates, computed row-wise from h_t, equal the paper's form sigmoid(W [h_t, theta, gate_prev] + b)
     on an LSTM cell over (loss, grad) features, step after step, with the same meta-gradient."""
@@ -315,7 +336,8 @@ def test_ravi_update_is_its_formula():
     theta0 = torch.randn(300, requires_grad=True)
     loss, grads = torch.rand(300), [torch.randn(300) * 10.0 ** -k for k in range(3)]
     theta, state = theta0, rule.initial_state(300, theta0)
-    ref_theta, (h, c, i, f) = theta0, rule.initial_state(300, theta0)
+    ref_theta, (_, _, i, f) = theta0, rule.initial_state(300, theta0)
+    h = c = torch.zeros(300, 20)
     for step, grad in enumerate(grads):
         theta, state = rule(theta, loss, grad, state, step)
         h, c = reference_cell(torch.cat([preprocess(loss, 10.0), preprocess(grad, 10.0)], -1), (h, c))

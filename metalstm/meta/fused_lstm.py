@@ -30,18 +30,19 @@ def blocks(rows: int, device: torch.device) -> list[slice]:
 
 class _FusedCell(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = h.shape[1]
-        xh = torch.cat([x, h], 1)  # [rows, in + hidden]
+    def forward(ctx, x: Tensor, h: Tensor | None, c: Tensor | None, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        # h = c = None: the zero state, whose products and gradients are skipped (weight holds x's columns only)
+        hidden = weight.shape[0] // 4
+        xh = x if h is None else torch.cat([x, h], 1)  # [rows, in (+ hidden)]
         weight_t = weight.t().contiguous()  # a contiguous [in + hidden, 4 * hidden] right factor: 3x faster mm
         gates = xh.new_empty(len(xh), 4 * hidden)  # i, f, g, o as torch orders them, after their activations
-        c_next, tanh_c, h_next = torch.empty_like(c), torch.empty_like(c), torch.empty_like(c)
+        c_next, tanh_c, h_next = (xh.new_empty(len(xh), hidden) for _ in range(3))
         for rows in blocks(len(xh), xh.device):
             # one sigmoid for all four gates: g's weight rows come doubled, so 2 sigmoid(2 G_g) - 1 = tanh(G_g)
             block = torch.addmm(bias, xh[rows], weight_t, out=gates[rows]).sigmoid_()
             block[:, 2 * hidden : 3 * hidden].mul_(2).sub_(1)
             i, f, g, o = block.chunk(4, 1)
-            cell = torch.mul(f, c[rows], out=c_next[rows]).addcmul_(i, g)
+            cell = torch.mul(i, g, out=c_next[rows]) if c is None else torch.mul(f, c[rows], out=c_next[rows]).addcmul_(i, g)
             tanh = torch.mul(cell, 2, out=tanh_c[rows]).sigmoid_().mul_(2).sub_(1)
             torch.mul(o, tanh, out=h_next[rows])
         ctx.save_for_backward(xh, gates, c, tanh_c, weight)
@@ -51,7 +52,13 @@ class _FusedCell(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: Tensor, grad_c: Tensor):
         xh, gates, c, tanh_c, weight = ctx.saved_tensors
-        grad_xh, grad_c_prev = torch.empty_like(xh), torch.empty_like(c)
+        k, (need_x, need_h, need_c) = ctx.input_size, ctx.needs_input_grad[:3]
+        # d[x, h] = dG W, for the columns that need it only (the LSTM optimizers' inputs are constants)
+        first = 0 if need_x else k
+        last = len(xh[0]) if need_h else k
+        grad_xh = xh.new_empty(len(xh), last - first) if first < last else None
+        weight_in = weight[:, first:last].contiguous()
+        grad_c_prev = torch.empty_like(c) if need_c else None
         grad_weight, grad_bias = torch.zeros_like(weight), weight.new_zeros(len(weight))
         for rows in blocks(len(xh), xh.device):
             i, f, g, o = gates[rows].chunk(4, 1)
@@ -61,15 +68,21 @@ class _FusedCell(torch.autograd.Function):
             grad_gates = torch.empty_like(gates[rows])
             d_i, d_f, d_g, d_o = grad_gates.chunk(4, 1)
             sigmoid_backward(total_c * g, i, grad_input=d_i)
-            sigmoid_backward(total_c * c[rows], f, grad_input=d_f)
+            if c is None:
+                d_f.zero_()
+            else:
+                sigmoid_backward(total_c * c[rows], f, grad_input=d_f)
             tanh_backward(total_c * i, g, grad_input=d_g).mul_(0.5)  # the pre-activation computed was 2 G_g
             sigmoid_backward(dh * tanh, o, grad_input=d_o)
-            torch.mul(total_c, f, out=grad_c_prev[rows])
-            torch.mm(grad_gates, weight, out=grad_xh[rows])
+            if grad_c_prev is not None:
+                torch.mul(total_c, f, out=grad_c_prev[rows])
+            if grad_xh is not None:
+                torch.mm(grad_gates, weight_in, out=grad_xh[rows])
             grad_weight.addmm_(grad_gates.t(), xh[rows])
             grad_bias.add_(grad_gates.sum(0))
-        k = ctx.input_size
-        return grad_xh[:, :k], grad_xh[:, k:], grad_c_prev, grad_weight, grad_bias
+        grad_x = grad_xh[:, : k - first] if need_x else None
+        grad_h_prev = grad_xh[:, k - first :] if need_h else None
+        return grad_x, grad_h_prev, grad_c_prev, grad_weight, grad_bias
 
 
 class _RowProduct(torch.autograd.Function):
@@ -99,12 +112,14 @@ def row_product(x: Tensor, weight: Tensor) -> Tensor:
 
 class FusedLSTMCell(nn.LSTMCell):
     """``nn.LSTMCell`` (same parameters, same state dict, same results) computed by ``_FusedCell``:
-    x [rows, input_size], (h, c) [rows, hidden] -> (h', c')."""
+    x [rows, input_size], (h, c) [rows, hidden] or None (the zero state) -> (h', c')."""
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        h, c = state
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         scale = torch.ones(4, 1, dtype=x.dtype, device=x.device)
         scale[2] = 2  # the g gate's pre-activation doubled: tanh(z) = 2 sigmoid(2z) - 1
         scale = scale.repeat_interleave(self.hidden_size, 0)  # [4 * hidden, 1]
+        bias = (self.bias_ih + self.bias_hh) * scale.squeeze(1)
+        if state is None:  # h = c = 0: no h columns in the product, no gradient to the state
+            return _FusedCell.apply(x, None, None, self.weight_ih * scale, bias)
         weight = torch.cat([self.weight_ih, self.weight_hh], 1) * scale  # [4 * hidden, input_size + hidden]
-        return _FusedCell.apply(x, h, c, weight, (self.bias_ih + self.bias_hh) * scale.squeeze(1))
+        return _FusedCell.apply(x, *state, weight, bias)

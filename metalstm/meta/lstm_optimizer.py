@@ -37,7 +37,7 @@ from metalstm.learners.base import Params
 from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 from metalstm.meta.fused_lstm import FusedLSTMCell, row_product
 
-State = tuple[Tensor, ...]
+State = tuple[Tensor | None, ...]  # None: an LSTM's zero initial (h, c), which FusedLSTMCell skips
 PREDICT_ROWS = 2**21  # coordinates (of all tasks) per learned-optimizer batch at meta-test
 
 
@@ -78,12 +78,12 @@ class RaviUpdate(UpdateRule):
         self.b_forget = nn.Parameter(torch.empty(1).uniform_(*cfg.forget_bias_init))
 
     def initial_state(self, n: int, like: Tensor) -> State:
-        zeros = like.new_zeros
-        return zeros(n, self.hidden), zeros(n, self.hidden), zeros(n), zeros(n)  # h, c, i_{t-1}, f_{t-1}
+        return None, None, like.new_zeros(n), like.new_zeros(n)  # h, c (zero), i_{t-1}, f_{t-1}
 
     def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
         h, c, i_prev, f_prev = state
-        h, c = self.input_lstm(torch.cat([preprocess(loss.detach(), self.p), preprocess(grad.detach(), self.p)], -1), (h, c))
+        features = torch.cat([preprocess(loss.detach(), self.p), preprocess(grad.detach(), self.p)], -1)
+        h, c = self.input_lstm(features, None if h is None else (h, c))
         # the gates' h_t terms for all rows in one product; their theta and previous-gate terms are per row
         from_h = row_product(h, torch.stack([self.w_input[: self.hidden], self.w_forget[: self.hidden]], 1))  # [n, 2]
         i = torch.sigmoid(from_h[:, 0] + theta * self.w_input[-2] + i_prev * self.w_input[-1] + self.b_input)
@@ -108,13 +108,14 @@ class AndrychowiczUpdate(UpdateRule):
         nn.init.zeros_(self.out.bias)
 
     def initial_state(self, n: int, like: Tensor) -> State:
-        return tuple(like.new_zeros(n, self.hidden) for _ in range(4))  # (h, c) of both layers
+        return None, None, None, None  # (h, c) of both layers, zero
 
     def forward(self, theta: Tensor, loss: Tensor, grad: Tensor, state: State, step: int) -> tuple[Tensor, State]:
         if self.truncation and step and step % self.truncation == 0:
             theta, state = theta.detach(), tuple(s.detach() for s in state)
-        h1, c1 = self.lstm1(preprocess(grad, self.p), state[:2])
-        h2, c2 = self.lstm2(h1, state[2:])
+        first = state[0] is None
+        h1, c1 = self.lstm1(preprocess(grad, self.p), None if first else state[:2])
+        h2, c2 = self.lstm2(h1, None if first else state[2:])
         step = row_product(h2, self.out.weight.t()).squeeze(-1) + self.out.bias
         return theta + self.scale * step, (h1, c1, h2, c2)
 
