@@ -59,7 +59,8 @@ class _FusedCell(torch.autograd.Function):
         grad_xh = xh.new_empty(len(xh), last - first) if first < last else None
         weight_in = weight[:, first:last].contiguous()
         grad_c_prev = torch.empty_like(c) if need_c else None
-        grad_weight, grad_bias = torch.zeros_like(weight), weight.new_zeros(len(weight))
+        # dW^T = [x, h]^T dG: MKL's [in + hidden, rows] x [rows, 4 hidden] is up to 4x faster than dG^T [x, h]
+        grad_weight_t, grad_bias = weight.new_zeros(weight.shape[1], len(weight)), weight.new_zeros(len(weight))
         for rows in blocks(len(xh), xh.device):
             i, f, g, o = gates[rows].chunk(4, 1)
             dh, tanh = grad_h[rows], tanh_c[rows]
@@ -78,11 +79,11 @@ class _FusedCell(torch.autograd.Function):
                 torch.mul(total_c, f, out=grad_c_prev[rows])
             if grad_xh is not None:
                 torch.mm(grad_gates, weight_in, out=grad_xh[rows])
-            grad_weight.addmm_(grad_gates.t(), xh[rows])
+            grad_weight_t.addmm_(xh[rows].t(), grad_gates)
             grad_bias.add_(grad_gates.sum(0))
         grad_x = grad_xh[:, : k - first] if need_x else None
         grad_h_prev = grad_xh[:, k - first :] if need_h else None
-        return grad_x, grad_h_prev, grad_c_prev, grad_weight, grad_bias
+        return grad_x, grad_h_prev, grad_c_prev, grad_weight_t.t(), grad_bias
 
 
 class _RowProduct(torch.autograd.Function):
