@@ -1,19 +1,25 @@
 """In-context sequence-to-sequence learning: an LSTM that reads a task's examples as one token stream and decodes
 the answers to new inputs, with no gradient step (memory-based meta-learning, Hochreiter et al. 2001 and
-Santoro et al. 2016, on token sequences; the attention reads as SNAIL's, Mishra et al. 2018).
+Santoro et al. 2016, on token sequences; the reads as in SNAIL, Mishra et al. 2018, and pointer networks).
 
 The support pairs form one stream, each pair  x_1 .. x_L  SEP  y_1 .. y_L  EOS  with its padding kept. An LSTM
-reads the stream; each query continues from the state after it: it reads x_q and SEP, then decodes y_q one
-token a step, reading the previous target token (teacher forcing, meta-training) or its own previous prediction
-(greedy, meta-test), BOS first. With ``attention``, each decoding step also makes two reads (a pointer to the
-query's input, then a lookup in the examples: what a rule such as "decipher the input, reversed" needs):
-    r_in = attend(o_t; positions of x_q)                  o_t: the decoder LSTM's output at step t
-    r_ex = attend([o_t, r_in]; positions of every support pair)
-and the readout sees [o_t, r_in, r_ex]. A position is its token's embedding with a bidirectional LSTM's
-output over its own pair (x SEP y) or query input, so it can carry what sits elsewhere in its pair (the
-y token an x token became, wherever the transform put it). The reads do not feed back into the LSTM, so
-teacher forcing and greedy decoding run the same function of the tokens read. The network here is the whole
-learner, as SNAIL's and Santoro's are: the base learner only declares the task's shapes (base_learner=lstm_seq2seq).
+reads the stream; every sequence then continues from the state after it: it reads its input x and SEP, then
+decodes y one token a step, reading the previous target token (teacher forcing) or its own previous prediction
+(greedy, queries at meta-test), BOS first. With ``attention``, decoding step t of a sequence with input x
+also reads, in each of H heads h:
+    p_t^h = attend_h(o_t; positions of x)         a pointer into its own input (o_t: the decoder LSTM's output)
+    m_t^h = sum_(s, j) softmax_(s, j)(K p_t^h . K p_(s, j)^h) onehot(y_(s, j))    a lookup in the support pairs
+where p_(s, j)^h is head h's pointer read of support pair s at its step j (the support pairs are decoded the
+same way, teacher-forced): the memory holds (what step j pointed at, the token y_j it produced), so a query
+recalls the tokens that the same pointed-at input produced in the examples (a substitution cipher's table)
+wherever a positional rule (reverse, rotate) moves them, if the head points as the rule does. Which head
+does is judged in context: each head predicts every support pair's tokens from the other pairs' memory,
+and the heads are mixed by w = softmax(beta * mean log-likelihood of those predictions) per task.
+A position is its token's embedding with a bidirectional LSTM's output over the input (so it knows its
+place from both ends). The reads do not feed back into the LSTM, so teacher forcing and greedy decoding run
+the same function of the tokens read. The readout sees [o_t, sum_h w_h p_t^h, sum_h w_h m_t^h]. The network
+here is the whole learner, as SNAIL's and Santoro's are: the base learner only declares the task's shapes
+(base_learner=lstm_seq2seq).
 """
 from __future__ import annotations
 
@@ -32,19 +38,26 @@ class MemorySeq2SeqConfig(MetaConfig):
     hidden: int = count(128)
     embed: int = count(32)  # token embedding size
     attention: bool = True  # the two reads (query input, then the support pairs) at every decoding step
+    heads: int = count(12)  # attention: pointer heads, weighed per task by how well each predicts the support pairs
+    head_size: int = count(32)  # attention: the query and key size of each head and of the memory's keys
 
 
-class Attention(nn.Module):
-    """Soft attention of queries [M, T, dq] over positions [M, S, dv] (keys computed from the values), padding
-    positions (mask [M, S] False) excluded -> reads [M, T, dv]."""
+class Pointer(nn.Module):
+    """Multi-head soft attention of queries [M, T, dq] over positions [M, S, dv] (padding: mask [M, S] False)
+    -> one read per head [M, T, H, dv] (the heads share the values)."""
 
-    def __init__(self, query_dim: int, value_dim: int, size: int):
+    def __init__(self, query_dim: int, value_dim: int, size: int, heads: int):
         super().__init__()
-        self.query, self.key, self.size = nn.Linear(query_dim, size), nn.Linear(value_dim, size), size
+        self.query = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Tanh(), nn.Linear(query_dim, size * heads))
+        self.key = nn.Linear(value_dim, size * heads)
+        self.size, self.heads = size, heads
 
     def forward(self, queries: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        scores = self.query(queries) @ self.key(values).transpose(1, 2) / self.size**0.5
-        return scores.masked_fill(~mask[:, None, :], -1e9).softmax(-1) @ values
+        (m, t, _), s = queries.shape, values.shape[1]
+        q = self.query(queries).view(m, t, self.heads, self.size).transpose(1, 2)  # [M, H, T, size]
+        k = self.key(values).view(m, s, self.heads, self.size).transpose(1, 2)  # [M, H, S, size]
+        scores = (q @ k.transpose(2, 3) / self.size**0.5).masked_fill(~mask[:, None, None, :], -1e9)
+        return (scores.softmax(-1) @ values[:, None]).transpose(1, 2)  # [M, T, H, dv]
 
 
 class MemorySeq2Seq(MetaLearner):
@@ -55,60 +68,107 @@ class MemorySeq2Seq(MetaLearner):
         self.cfg = cfg
         vocab = spec["vocab"]
         self.sep, self.eos, self.bos = vocab, vocab + 1, vocab + 2
+        self.outputs, self.max_length = spec["output_dim"], spec["input_shape"][0]
         self.embedding = nn.Embedding(vocab + 3, cfg.embed)
         self.lstm = nn.LSTM(cfg.embed, cfg.hidden, batch_first=True)
         readout = cfg.hidden
         if cfg.attention:
             self.encoder = nn.LSTM(cfg.embed, cfg.hidden // 2, batch_first=True, bidirectional=True)
-            position = cfg.embed + 2 * (cfg.hidden // 2)  # a token's embedding and the encoder's output there
-            self.read_input = Attention(cfg.hidden, position, cfg.hidden)
-            self.read_examples = Attention(cfg.hidden + position, position, cfg.hidden)
-            readout += 2 * position
-        self.readout = nn.Linear(readout, spec["output_dim"])
+            # a token's embedding, the encoder's output there and its place from either end (one-hot)
+            position = cfg.embed + 2 * (cfg.hidden // 2) + 2 * self.max_length
+            self.pointer = Pointer(cfg.hidden + 2 * self.max_length, position, cfg.head_size, cfg.heads)
+            self.memory_key = nn.Linear(position, cfg.head_size)
+            self.beta = nn.Parameter(torch.tensor(1.0))  # how sharply the support pairs' likelihood picks a head
+            readout += position + self.outputs
+        self.readout = nn.Linear(readout, self.outputs)
 
     def column(self, token: int, like: Tensor) -> Tensor:
         return torch.full_like(like[..., :1], token)
 
-    def positions(self, tokens: Tensor) -> Tensor:
-        """[M, T] tokens -> [M, T, embed + hidden]: each token's embedding and the bidirectional encoder's output."""
-        embedded = self.embedding(tokens)
-        return torch.cat([embedded, self.encoder(embedded)[0]], -1)
+    def one_hot(self, index: Tensor) -> Tensor:
+        return nn.functional.one_hot(index.clamp(0, self.max_length - 1), self.max_length).float()
 
-    def features(self, out: Tensor, reads: tuple[Tensor, ...] | None) -> Tensor:
-        """Decoder outputs [M, T, hidden] -> readout features: with the reads, [o_t, r_in, r_ex]."""
-        if reads is None:
-            return out
-        inputs, input_mask, examples, example_mask = reads
-        r_in = self.read_input(out, inputs, input_mask)
-        r_ex = self.read_examples(torch.cat([out, r_in], -1), examples, example_mask)
-        return torch.cat([out, r_in, r_ex], -1)
+    def positions(self, tokens: Tensor) -> Tensor:
+        """[M, L] tokens -> [M, L, position]: each token's embedding, the bidirectional encoder's output, and its
+        place counted from the start and from the end of its sequence (one-hot)."""
+        embedded, place = self.embedding(tokens), torch.arange(tokens.shape[1], device=tokens.device)
+        from_end = (tokens != PAD).sum(1, keepdim=True) - 1 - place
+        return torch.cat([embedded, self.encoder(embedded)[0], self.one_hot(place).expand(len(tokens), -1, -1),
+                          self.one_hot(from_end)], -1)
+
+    def point(self, out: Tensor, inputs: tuple[Tensor, Tensor], first_step: int = 0) -> Tensor:
+        """Decoder outputs [M, T, hidden] at steps first_step.. -> each head's read [M, T, H, position] of its
+        sequence's input; the heads' queries see the step and the input's length (one-hot) beside o_t."""
+        positions, mask = inputs
+        (m, t, _), steps = out.shape, torch.arange(first_step, first_step + out.shape[1], device=out.device)
+        lengths = self.one_hot(mask.sum(1) - 1)[:, None].expand(-1, t, -1)
+        return self.pointer(torch.cat([out, self.one_hot(steps).expand(m, -1, -1), lengths], -1), positions, mask)
+
+    def decode_inputs(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+        """x [M, L] inputs, each from the post-stream state [1, M, hidden] -> the state after x SEP, and x's
+        positions [M, L, position] with their mask (for the pointer), or None without attention."""
+        _, state = self.lstm(self.embedding(torch.cat([x, self.column(self.sep, x)], -1)), state)
+        return state, ((self.positions(x), x != PAD) if self.cfg.attention else None)
+
+    def recall(self, keys: Tensor, memory: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """Keys [M, T, H, d] against memory keys [M, S, H, d] (mask [M, T, S] or [M, 1, S]) -> every head's
+        recalled token distribution [M, T, H, outputs] from the one-hot values [M, S, outputs]."""
+        scores = torch.einsum("mthd,mshd->mhts", keys, memory) / self.cfg.head_size**0.5
+        weights = scores.masked_fill(~mask[:, None], -1e9).softmax(-1)  # [M, H, T, S]
+        return (weights @ values[:, None]).transpose(1, 2)
+
+    def support_memory(self, sx: Tensor, sy: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """Decode the support pairs [B, k, L] teacher-forced -> memory keys [B, kL, H, d], one-hot targets
+        [B, kL, outputs], mask [B, kL] and each head's weight per task [B, H] (from predicting each pair's
+        tokens out of the other pairs' memory)."""
+        (b, k, length), x, y = sx.shape, sx.flatten(0, 1), sy.flatten(0, 1)
+        s_state, inputs = self.decode_inputs(x, state)
+        previous = torch.cat([self.column(self.bos, y), y[:, :-1]], 1)
+        reads = self.point(self.lstm(self.embedding(previous), s_state)[0], inputs)  # [B k, L, H, position]
+        keys = self.memory_key(reads).reshape(b, k * length, self.cfg.heads, -1)
+        values = nn.functional.one_hot(sy, self.outputs).to(keys.dtype).reshape(b, k * length, -1)
+        mask = (sy != PAD).reshape(b, k * length)
+        pair = torch.arange(k, device=sy.device).repeat_interleave(length)
+        other_pairs = (pair[:, None] != pair[None, :])[None] & mask[:, None, :]  # [B, kL, kL]
+        recalled = self.recall(keys, keys, values, other_pairs)  # [B, kL, H, outputs]
+        likelihood = (recalled * values[:, :, None]).sum(-1).clamp(min=1e-6).log()  # [B, kL, H]
+        fit = (likelihood * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return keys, values, mask, (self.beta * fit).softmax(-1)
 
     def forward_tasks(self, batch: EpisodeBatch, teacher: bool) -> Tensor:
-        """All query outputs [B, n, L, vocab]: teacher-forced on query_y, or decoded greedily."""
+        """All query outputs [B, n, L, outputs]: teacher-forced on query_y, or decoded greedily."""
         sx, sy, qx, qy = batch
-        b, n, length = qx.shape
+        (b, n, length), k = qx.shape, sx.shape[1]
         stream = torch.cat([sx, self.column(self.sep, sx), sy, self.column(self.eos, sx)], -1).flatten(1)
         _, (h, c) = self.lstm(self.embedding(stream))
-        x = torch.cat([qx, self.column(self.sep, qx)], -1).flatten(0, 1)  # [B * n, L + 1]
-        _, state = self.lstm(self.embedding(x), (h.repeat_interleave(n, 1), c.repeat_interleave(n, 1)))
-        reads = None
+        x = qx.flatten(0, 1)  # [B * n, L]
+        state, inputs = self.decode_inputs(x, (h.repeat_interleave(n, 1), c.repeat_interleave(n, 1)))
+        memory = None
         if self.cfg.attention:
-            pairs = torch.cat([sx, self.column(self.sep, sx), sy], -1)  # [B, K, 2L + 1]
-            examples = self.positions(pairs.flatten(0, 1))  # each pair encoded alone: [B * K, 2L + 1, position]
-            examples = examples.reshape(b, -1, examples.shape[-1]).repeat_interleave(n, 0)  # per query, all pairs
-            reads = (self.positions(x), x != PAD, examples, (pairs != PAD).flatten(1).repeat_interleave(n, 0))
+            memory = [m.repeat_interleave(n, 0) for m in self.support_memory(sx, sy, (h.repeat_interleave(k, 1),
+                                                                                      c.repeat_interleave(k, 1)))]
+
+        def logits(out: Tensor, first_step: int = 0) -> Tensor:
+            if memory is None:
+                return self.readout(out)
+            keys, values, mask, weights = memory
+            reads = self.point(out, inputs, first_step)  # [B n, T, H, position]
+            recalled = self.recall(self.memory_key(reads), keys, values, mask[:, None])
+            mix = weights[:, None, :, None]
+            return self.readout(torch.cat([out, (reads * mix).sum(2), (recalled * mix).sum(2)], -1))
+
         start = self.column(self.bos, x)
         if teacher:  # one pass over [BOS, y_1 .. y_L-1]
             previous = torch.cat([start, qy.flatten(0, 1)[:, :-1]], 1)
-            logits = self.readout(self.features(self.lstm(self.embedding(previous), state)[0], reads))
+            result = logits(self.lstm(self.embedding(previous), state)[0])
         else:
             steps, token = [], start
-            for _ in range(length):
+            for step in range(length):
                 out, state = self.lstm(self.embedding(token), state)
-                steps.append(self.readout(self.features(out, reads)))
+                steps.append(logits(out, step))
                 token = steps[-1].argmax(-1)
-            logits = torch.cat(steps, 1)
-        return logits.view(b, n, length, -1)
+            result = torch.cat(steps, 1)
+        return result.view(b, n, length, -1)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         outputs = self.forward_tasks(batch, teacher=True)
