@@ -649,7 +649,31 @@ def test_memory_seq2seq_step_j_reads_targets_before_j_only(seq_setup):
     assert not torch.allclose(memory.forward_tasks(batch._replace(support_y=other_rule), teacher=True), outputs)
 
 
-def test_memory_seq2seq_is_refused_on_tasks_without_token_targets():
-    spec = {"task_type": "forecast", "input_shape": (5, 1), "output_dim": 1, "output_length": 5}
+def test_memory_seq2seq_is_refused_on_tasks_without_sequence_targets():
+    spec = {"task_type": "classification", "input_shape": (1, 28, 28), "output_dim": 5}
     reason = refusal(META_LEARNERS["memory_seq2seq"].impl, "memory_seq2seq", spec)
-    assert "seq2seq" in reason and "forecast" in reason
+    assert "seq2seq" in reason and "forecast" in reason and "classification" in reason
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_memory_seq2seq_forecasts_real_valued_sequences(attention):
+    """Forecast tasks (sinusoid windows -> the next points): outputs of the target's shape; greedy decoding feeds
+    back its own outputs (equal to teacher forcing on them); the support windows change the answers."""
+    from metalstm.data.sinusoid import SinusoidSeqConfig, SinusoidSeqTasks
+    from metalstm.meta.memory_seq2seq import MemorySeq2Seq, MemorySeq2SeqConfig
+
+    source = SinusoidSeqTasks(SinusoidSeqConfig(shots=3, query=4, eval_query=4, window=4, horizon=6))
+    learner = build_base_learner(BASE_LEARNERS.parse({"name": "lstm_seq2seq", "hidden": 8, "input_dim": 4}), source.spec)
+    torch.manual_seed(0)
+    memory = MemorySeq2Seq(learner, get_objective("forecast").loss, source.spec,
+                           MemorySeq2SeqConfig(hidden=16, embed=8, attention=attention, heads=2))
+    batch = source.sample("train", 2, torch.Generator().manual_seed(0))
+    greedy = memory.predict(batch)
+    assert greedy.shape == batch.query_y.shape
+    assert torch.allclose(memory.forward_tasks(batch._replace(query_y=greedy), teacher=True), greedy, atol=1e-5)
+    assert not torch.allclose(memory.predict(batch._replace(support_y=batch.support_y * 2)), greedy)
+    memory.meta_loss(batch).loss.backward()
+    own = [(name, p) for name, p in memory.named_parameters() if not name.startswith("learner.")]  # shapes only
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in own), [n for n, p in own if p.grad is None]
+
+

@@ -15,8 +15,10 @@ recalls the tokens that the same pointed-at input produced in the examples (a su
 wherever a positional rule (reverse, rotate) moves them, if the head points as the rule does. Which head
 does is judged in context: each head predicts every support pair's tokens from the other pairs' memory,
 and the heads are mixed by w = softmax(beta * mean log-likelihood of those predictions) per task.
-A position is its token's embedding with a bidirectional LSTM's output over the input (so it knows its
-place from both ends). The reads do not feed back into the LSTM, so teacher forcing and greedy decoding run
+A position is its step's embedding, a bidirectional LSTM's output over the input and its place counted from
+both ends (one-hot). Forecast tasks (real-valued steps: sinusoid windows, stroke completion) run the same
+network: steps are embedded by a linear map, SEP/EOS/BOS are learned vectors, the memory stores the target
+values, a head's fit is minus its squared error, and greedy decoding feeds back its own outputs. The reads do not feed back into the LSTM, so teacher forcing and greedy decoding run
 the same function of the tokens read. The readout sees [o_t, sum_h w_h p_t^h, sum_h w_h m_t^h]. The network
 here is the whole learner, as SNAIL's and Santoro's are: the base learner only declares the task's shapes
 (base_learner=lstm_seq2seq).
@@ -61,39 +63,69 @@ class Pointer(nn.Module):
 
 
 class MemorySeq2Seq(MetaLearner):
-    task_types = ("seq2seq",)
+    task_types = ("seq2seq", "forecast")
 
     def __init__(self, learner, loss_fn, spec, cfg: MemorySeq2SeqConfig):
         super().__init__(learner, loss_fn)
         self.cfg = cfg
-        vocab = spec["vocab"]
-        self.sep, self.eos, self.bos = vocab, vocab + 1, vocab + 2
-        self.outputs, self.max_length = spec["output_dim"], spec["input_shape"][0]
-        self.embedding = nn.Embedding(vocab + 3, cfg.embed)
+        self.tokens = spec["task_type"] == "seq2seq"  # else forecast: real-valued steps [L, d] in and out
+        self.outputs = spec["output_dim"]
+        self.max_length = max(spec["input_shape"][0], spec["output_length"])
+        if self.tokens:  # token ids, then SEP, EOS and BOS
+            self.sep, self.eos, self.bos = spec["vocab"], spec["vocab"] + 1, spec["vocab"] + 2
+            self.embedding = nn.Embedding(spec["vocab"] + 3, cfg.embed)
+        else:
+            self.sep, self.eos, self.bos = 0, 1, 2
+            self.embed_x, self.embed_y = nn.Linear(spec["input_shape"][1], cfg.embed), nn.Linear(self.outputs, cfg.embed)
+            self.specials = nn.Embedding(3, cfg.embed)
         self.lstm = nn.LSTM(cfg.embed, cfg.hidden, batch_first=True)
         readout = cfg.hidden
         if cfg.attention:
             self.encoder = nn.LSTM(cfg.embed, cfg.hidden // 2, batch_first=True, bidirectional=True)
-            # a token's embedding, the encoder's output there and its place from either end (one-hot)
+            # a step's embedding, the encoder's output there and its place from either end (one-hot)
             position = cfg.embed + 2 * (cfg.hidden // 2) + 2 * self.max_length
             self.pointer = Pointer(cfg.hidden + 2 * self.max_length, position, cfg.head_size, cfg.heads)
             self.memory_key = nn.Linear(position, cfg.head_size)
-            self.beta = nn.Parameter(torch.tensor(1.0))  # how sharply the support pairs' likelihood picks a head
+            self.beta = nn.Parameter(torch.tensor(1.0))  # how sharply the support pairs' fit picks a head
             readout += position + self.outputs
         self.readout = nn.Linear(readout, self.outputs)
 
-    def column(self, token: int, like: Tensor) -> Tensor:
-        return torch.full_like(like[..., :1], token)
+    # ------------------------------------------------------------------ tokens or real-valued steps
+
+    def embed(self, seq: Tensor, side: str) -> Tensor:
+        """An input (side "x") or target ("y") sequence [M, L] (tokens) or [M, L, d] -> [M, L, embed]."""
+        if self.tokens:
+            return self.embedding(seq)
+        return (self.embed_x if side == "x" else self.embed_y)(seq)
+
+    def special(self, which: int, rows: int, like: Tensor) -> Tensor:
+        """SEP, EOS or BOS for ``rows`` sequences -> [rows, 1, embed]."""
+        index = torch.full((rows, 1), which, dtype=torch.long, device=like.device)
+        return self.embedding(index) if self.tokens else self.specials(index)
+
+    def valid(self, seq: Tensor) -> Tensor:
+        """[M, L, ...] -> [M, L]: the steps that are not padding (real-valued sequences have none)."""
+        return seq != PAD if self.tokens else torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
+
+    def target_values(self, y: Tensor) -> Tensor:
+        """Targets [..., L] or [..., L, d] -> what the memory stores per step: one-hot tokens, or the values."""
+        return nn.functional.one_hot(y, self.outputs).float() if self.tokens else y
+
+    def next_input(self, output: Tensor) -> Tensor:
+        """A decoding step's output [M, 1, outputs] -> the target it stands for (greedy: the likeliest token)."""
+        return output.argmax(-1) if self.tokens else output
+
+    # ------------------------------------------------------------------ reads
 
     def one_hot(self, index: Tensor) -> Tensor:
         return nn.functional.one_hot(index.clamp(0, self.max_length - 1), self.max_length).float()
 
-    def positions(self, tokens: Tensor) -> Tensor:
-        """[M, L] tokens -> [M, L, position]: each token's embedding, the bidirectional encoder's output, and its
-        place counted from the start and from the end of its sequence (one-hot)."""
-        embedded, place = self.embedding(tokens), torch.arange(tokens.shape[1], device=tokens.device)
-        from_end = (tokens != PAD).sum(1, keepdim=True) - 1 - place
-        return torch.cat([embedded, self.encoder(embedded)[0], self.one_hot(place).expand(len(tokens), -1, -1),
+    def positions(self, x: Tensor) -> Tensor:
+        """Inputs [M, L(, d)] -> [M, L, position]: each step's embedding, the bidirectional encoder's output, and
+        its place counted from the start and from the end of its sequence (one-hot)."""
+        embedded, place = self.embed(x, "x"), torch.arange(x.shape[1], device=x.device)
+        from_end = self.valid(x).sum(1, keepdim=True) - 1 - place
+        return torch.cat([embedded, self.encoder(embedded)[0], self.one_hot(place).expand(len(x), -1, -1),
                           self.one_hot(from_end)], -1)
 
     def point(self, out: Tensor, inputs: tuple[Tensor, Tensor], first_step: int = 0) -> Tensor:
@@ -105,43 +137,50 @@ class MemorySeq2Seq(MetaLearner):
         return self.pointer(torch.cat([out, self.one_hot(steps).expand(m, -1, -1), lengths], -1), positions, mask)
 
     def decode_inputs(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
-        """x [M, L] inputs, each from the post-stream state [1, M, hidden] -> the state after x SEP, and x's
+        """x [M, L(, d)] inputs, each from the post-stream state [1, M, hidden] -> the state after x SEP, and x's
         positions [M, L, position] with their mask (for the pointer), or None without attention."""
-        _, state = self.lstm(self.embedding(torch.cat([x, self.column(self.sep, x)], -1)), state)
-        return state, ((self.positions(x), x != PAD) if self.cfg.attention else None)
+        _, state = self.lstm(torch.cat([self.embed(x, "x"), self.special(self.sep, len(x), x)], 1), state)
+        return state, ((self.positions(x), self.valid(x)) if self.cfg.attention else None)
+
+    def teacher_inputs(self, y: Tensor) -> Tensor:
+        """Targets [M, L(, d)] -> the decoder's inputs [M, L, embed]: BOS, then y_1 .. y_L-1."""
+        return torch.cat([self.special(self.bos, len(y), y), self.embed(y[:, :-1], "y")], 1)
 
     def recall(self, keys: Tensor, memory: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """Keys [M, T, H, d] against memory keys [M, S, H, d] (mask [M, T, S] or [M, 1, S]) -> every head's
-        recalled token distribution [M, T, H, outputs] from the one-hot values [M, S, outputs]."""
+        recalled target [M, T, H, outputs] (a token distribution, or a value) from the values [M, S, outputs]."""
         scores = torch.einsum("mthd,mshd->mhts", keys, memory) / self.cfg.head_size**0.5
         weights = scores.masked_fill(~mask[:, None], -1e9).softmax(-1)  # [M, H, T, S]
         return (weights @ values[:, None]).transpose(1, 2)
 
     def support_memory(self, sx: Tensor, sy: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
-        """Decode the support pairs [B, k, L] teacher-forced -> memory keys [B, kL, H, d], one-hot targets
-        [B, kL, outputs], mask [B, kL] and each head's weight per task [B, H] (from predicting each pair's
-        tokens out of the other pairs' memory)."""
-        (b, k, length), x, y = sx.shape, sx.flatten(0, 1), sy.flatten(0, 1)
+        """Decode the support pairs [B, k, L(, d)] teacher-forced -> memory keys [B, kL, H, d], target values
+        [B, kL, outputs], mask [B, kL] and each head's weight per task [B, H], from how well it predicts each
+        pair's targets out of the other pairs' memory (log-likelihood of tokens, or minus the squared error)."""
+        (b, k, length), x, y = sy.shape[:3], sx.flatten(0, 1), sy.flatten(0, 1)
         s_state, inputs = self.decode_inputs(x, state)
-        previous = torch.cat([self.column(self.bos, y), y[:, :-1]], 1)
-        reads = self.point(self.lstm(self.embedding(previous), s_state)[0], inputs)  # [B k, L, H, position]
+        reads = self.point(self.lstm(self.teacher_inputs(y), s_state)[0], inputs)  # [B k, L, H, position]
         keys = self.memory_key(reads).reshape(b, k * length, self.cfg.heads, -1)
-        values = nn.functional.one_hot(sy, self.outputs).to(keys.dtype).reshape(b, k * length, -1)
-        mask = (sy != PAD).reshape(b, k * length)
+        values = self.target_values(sy).reshape(b, k * length, -1)
+        mask = self.valid(y).reshape(b, k * length)
         pair = torch.arange(k, device=sy.device).repeat_interleave(length)
         other_pairs = (pair[:, None] != pair[None, :])[None] & mask[:, None, :]  # [B, kL, kL]
         recalled = self.recall(keys, keys, values, other_pairs)  # [B, kL, H, outputs]
-        likelihood = (recalled * values[:, :, None]).sum(-1).clamp(min=1e-6).log()  # [B, kL, H]
-        fit = (likelihood * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        if self.tokens:
+            fit = (recalled * values[:, :, None]).sum(-1).clamp(min=1e-6).log()  # [B, kL, H]
+        else:
+            fit = -(recalled - values[:, :, None]).pow(2).sum(-1)
+        fit = (fit * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return keys, values, mask, (self.beta * fit).softmax(-1)
 
     def forward_tasks(self, batch: EpisodeBatch, teacher: bool) -> Tensor:
         """All query outputs [B, n, L, outputs]: teacher-forced on query_y, or decoded greedily."""
         sx, sy, qx, qy = batch
-        (b, n, length), k = qx.shape, sx.shape[1]
-        stream = torch.cat([sx, self.column(self.sep, sx), sy, self.column(self.eos, sx)], -1).flatten(1)
-        _, (h, c) = self.lstm(self.embedding(stream))
-        x = qx.flatten(0, 1)  # [B * n, L]
+        (b, n, length), k = qy.shape[:3], sx.shape[1]
+        pairs = [self.embed(sx.flatten(0, 1), "x"), self.special(self.sep, b * k, sx),
+                 self.embed(sy.flatten(0, 1), "y"), self.special(self.eos, b * k, sx)]
+        _, (h, c) = self.lstm(torch.cat(pairs, 1).reshape(b, -1, self.cfg.embed))  # the stream: x SEP y EOS ...
+        x = qx.flatten(0, 1)  # [B * n, L(, d)]
         state, inputs = self.decode_inputs(x, (h.repeat_interleave(n, 1), c.repeat_interleave(n, 1)))
         memory = None
         if self.cfg.attention:
@@ -157,16 +196,14 @@ class MemorySeq2Seq(MetaLearner):
             mix = weights[:, None, :, None]
             return self.readout(torch.cat([out, (reads * mix).sum(2), (recalled * mix).sum(2)], -1))
 
-        start = self.column(self.bos, x)
         if teacher:  # one pass over [BOS, y_1 .. y_L-1]
-            previous = torch.cat([start, qy.flatten(0, 1)[:, :-1]], 1)
-            result = logits(self.lstm(self.embedding(previous), state)[0])
+            result = logits(self.lstm(self.teacher_inputs(qy.flatten(0, 1)), state)[0])
         else:
-            steps, token = [], start
+            steps, previous = [], self.special(self.bos, len(x), x)
             for step in range(length):
-                out, state = self.lstm(self.embedding(token), state)
+                out, state = self.lstm(previous, state)
                 steps.append(logits(out, step))
-                token = steps[-1].argmax(-1)
+                previous = self.embed(self.next_input(steps[-1]), "y")
             result = torch.cat(steps, 1)
         return result.view(b, n, length, -1)
 
