@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import CONFIG_DIR, fixture_overrides
 from metalstm.assembly import build
 from metalstm.config import default_of, rule_of
-from metalstm.core import EpisodeBatch
+from metalstm.core import PAD, EpisodeBatch
 from metalstm.data import DATASETS
 from metalstm.data.class_tasks import ClassTasks
 from metalstm.errors import ConfigError
@@ -647,6 +647,25 @@ def test_memory_seq2seq_step_j_reads_targets_before_j_only(seq_setup):
     assert not torch.allclose(again[:, :, j + 1], outputs[:, :, j + 1])
     other_rule = torch.where(batch.support_y > 0, batch.support_y % 8 + 1, batch.support_y)
     assert not torch.allclose(memory.forward_tasks(batch._replace(support_y=other_rule), teacher=True), outputs)
+
+
+def test_memory_seq2seq_cyclic_pointer_reads_each_shift_and_reflection_of_the_input():
+    """pointer=cyclic: head d (d < max length) reads input place (t + d) mod L at step t, head max_length + d reads
+    (L - 1 - t - d) mod L: the heads read a sequence rotated left by d, or reversed and then rotated by d."""
+    from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
+    from metalstm.meta.memory_seq2seq import MemorySeq2Seq, MemorySeq2SeqConfig
+
+    source = SeqTasks(SeqTasksConfig(max_length=6))
+    learner = build_base_learner(BASE_LEARNERS.parse({"name": "lstm_seq2seq", "hidden": 8, "input_dim": 4}), source.spec)
+    memory = MemorySeq2Seq(learner, get_objective("seq2seq").loss, source.spec, MemorySeq2SeqConfig(pointer="cyclic"))
+    x = torch.tensor([[3, 1, 4, 5, 0, 0], [2, 7, 1, 8, 2, 8]])
+    places = torch.arange(6).expand(2, -1)[..., None].float()  # a position's feature: its place
+    reads = memory.point(torch.zeros(2, 6, 1), (places, x != PAD)).squeeze(-1).long()  # [2, T, 12]
+    for row, length in ((0, 4), (1, 6)):
+        for d in range(6):
+            rotated = [(t + d) % length for t in range(length)]
+            reflected = [(length - 1 - t - d) % length for t in range(length)]
+            assert reads[row, :length, d].tolist() == rotated and reads[row, :length, 6 + d].tolist() == reflected
 
 
 def test_memory_seq2seq_is_refused_on_tasks_without_sequence_targets():

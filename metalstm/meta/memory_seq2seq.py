@@ -16,12 +16,15 @@ wherever a positional rule (reverse, rotate) moves them, if the head points as t
 does is judged in context: each head predicts every support pair's tokens from the other pairs' memory,
 and the heads are mixed by w = softmax(beta * mean log-likelihood of those predictions) per task.
 A position is its step's embedding, a bidirectional LSTM's output over the input and its place counted from
-both ends (one-hot). Forecast tasks (real-valued steps: sinusoid windows, stroke completion) run the same
-network: steps are embedded by a linear map, SEP/EOS/BOS are learned vectors, the memory stores the target
-values, a head's fit is minus its squared error, and greedy decoding feeds back its own outputs. The reads do not feed back into the LSTM, so teacher forcing and greedy decoding run
-the same function of the tokens read. The readout sees [o_t, sum_h w_h p_t^h, sum_h w_h m_t^h]. The network
-here is the whole learner, as SNAIL's and Santoro's are: the base learner only declares the task's shapes
-(base_learner=lstm_seq2seq).
+both ends (one-hot). With ``pointer=cyclic`` the heads do not attend: head d reads place (t + d) mod L and
+head max_length + d place (L - 1 - t - d) mod L, every cyclic shift and reflection (a built-in prior, which
+the learned heads do not find for rotations: Results). The reads do not feed back into the LSTM, so teacher
+forcing and greedy decoding run the same function of the steps read. The readout sees
+[o_t, sum_h w_h p_t^h, sum_h w_h m_t^h]. Forecast tasks (real-valued steps: sinusoid windows, stroke completion)
+run the same network: steps are embedded by a linear map, SEP/EOS/BOS are learned vectors, the memory stores
+the target values, a head's fit is minus its squared error, and greedy decoding feeds back its own outputs.
+The network here is the whole learner, as SNAIL's and Santoro's are: the base learner only declares the
+task's shapes (base_learner=lstm_seq2seq).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from metalstm.config import count
+from metalstm.config import choice, count
 from metalstm.core import PAD, EpisodeBatch
 from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 
@@ -40,7 +43,10 @@ class MemorySeq2SeqConfig(MetaConfig):
     hidden: int = count(128)
     embed: int = count(32)  # token embedding size
     attention: bool = True  # the two reads (query input, then the support pairs) at every decoding step
-    heads: int = count(12)  # attention: pointer heads, weighed per task by how well each predicts the support pairs
+    # attention: how decoding step t points into its input. learned: `heads` attention heads; cyclic: one head per
+    # cyclic shift and reflection, i = (t + d) mod L and (L - 1 - t - d) mod L for d < max length (a built-in prior)
+    pointer: str = choice("learned", ("learned", "cyclic"))
+    heads: int = count(12)  # learned pointer heads, weighed per task by how well each predicts the support pairs
     head_size: int = count(32)  # attention: the query and key size of each head and of the memory's keys
 
 
@@ -84,7 +90,9 @@ class MemorySeq2Seq(MetaLearner):
             self.encoder = nn.LSTM(cfg.embed, cfg.hidden // 2, batch_first=True, bidirectional=True)
             # a step's embedding, the encoder's output there and its place from either end (one-hot)
             position = cfg.embed + 2 * (cfg.hidden // 2) + 2 * self.max_length
-            self.pointer = Pointer(cfg.hidden + 2 * self.max_length, position, cfg.head_size, cfg.heads)
+            self.heads = cfg.heads if cfg.pointer == "learned" else 2 * self.max_length
+            if cfg.pointer == "learned":
+                self.pointer = Pointer(cfg.hidden + 2 * self.max_length, position, cfg.head_size, cfg.heads)
             self.memory_key = nn.Linear(position, cfg.head_size)
             self.beta = nn.Parameter(torch.tensor(1.0))  # how sharply the support pairs' fit picks a head
             readout += position + self.outputs
@@ -133,6 +141,13 @@ class MemorySeq2Seq(MetaLearner):
         sequence's input; the heads' queries see the step and the input's length (one-hot) beside o_t."""
         positions, mask = inputs
         (m, t, _), steps = out.shape, torch.arange(first_step, first_step + out.shape[1], device=out.device)
+        if self.cfg.pointer == "cyclic":
+            length, d = mask.sum(1).clamp(min=1)[:, None, None], torch.arange(self.max_length, device=out.device)
+            shift = (steps[:, None] + d) % length  # [M, T, D]
+            mirror = (length - 1 - steps[:, None] - d) % length
+            index = torch.cat([shift, mirror], -1).flatten(1)  # [M, T * H]
+            reads = positions.gather(1, index[..., None].expand(-1, -1, positions.shape[-1]))
+            return reads.view(m, t, self.heads, -1)
         lengths = self.one_hot(mask.sum(1) - 1)[:, None].expand(-1, t, -1)
         return self.pointer(torch.cat([out, self.one_hot(steps).expand(m, -1, -1), lengths], -1), positions, mask)
 
@@ -160,7 +175,7 @@ class MemorySeq2Seq(MetaLearner):
         (b, k, length), x, y = sy.shape[:3], sx.flatten(0, 1), sy.flatten(0, 1)
         s_state, inputs = self.decode_inputs(x, state)
         reads = self.point(self.lstm(self.teacher_inputs(y), s_state)[0], inputs)  # [B k, L, H, position]
-        keys = self.memory_key(reads).reshape(b, k * length, self.cfg.heads, -1)
+        keys = self.memory_key(reads).reshape(b, k * length, self.heads, -1)
         values = self.target_values(sy).reshape(b, k * length, -1)
         mask = self.valid(y).reshape(b, k * length)
         pair = torch.arange(k, device=sy.device).repeat_interleave(length)
