@@ -41,7 +41,7 @@ from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
 @dataclass
 class MemorySeq2SeqConfig(MetaConfig):
     hidden: int = count(128)
-    embed: int = count(32)  # token embedding size
+    embed: int = count(32)  # step (token or value) embedding size
     attention: bool = True  # the two reads (query input, then the support pairs) at every decoding step
     # attention: how decoding step t points into its input. learned: `heads` attention heads; cyclic: one head per
     # cyclic shift and reflection, i = (t + d) mod L and (L - 1 - t - d) mod L for d < max length (a built-in prior)
