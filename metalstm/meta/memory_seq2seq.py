@@ -76,7 +76,8 @@ class MemorySeq2Seq(MetaLearner):
         self.cfg = cfg
         self.tokens = spec["task_type"] == "seq2seq"  # else forecast: real-valued steps [L, d] in and out
         self.outputs = spec["output_dim"]
-        self.max_length = max(spec["input_shape"][0], spec["output_length"])
+        self.output_length = spec["output_length"]  # decoding steps (at test, query_y may be a placeholder)
+        self.max_length = max(spec["input_shape"][0], self.output_length)
         if self.tokens:  # token ids, then SEP, EOS and BOS
             self.sep, self.eos, self.bos = spec["vocab"], spec["vocab"] + 1, spec["vocab"] + 2
             self.embedding = nn.Embedding(spec["vocab"] + 3, cfg.embed)
@@ -191,7 +192,7 @@ class MemorySeq2Seq(MetaLearner):
     def forward_tasks(self, batch: EpisodeBatch, teacher: bool) -> Tensor:
         """All query outputs [B, n, L, outputs]: teacher-forced on query_y, or decoded greedily."""
         sx, sy, qx, qy = batch
-        (b, n, length), k = qy.shape[:3], sx.shape[1]
+        (b, n), k, length = qx.shape[:2], sx.shape[1], self.output_length
         pairs = [self.embed(sx.flatten(0, 1), "x"), self.special(self.sep, b * k, sx),
                  self.embed(sy.flatten(0, 1), "y"), self.special(self.eos, b * k, sx)]
         _, (h, c) = self.lstm(torch.cat(pairs, 1).reshape(b, -1, self.cfg.embed))  # the stream: x SEP y EOS ...
