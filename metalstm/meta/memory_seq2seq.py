@@ -199,17 +199,18 @@ class MemorySeq2Seq(MetaLearner):
         x = qx.flatten(0, 1)  # [B * n, L(, d)]
         state, inputs = self.decode_inputs(x, (h.repeat_interleave(n, 1), c.repeat_interleave(n, 1)))
         memory = None
-        if self.cfg.attention:
-            memory = [m.repeat_interleave(n, 0) for m in self.support_memory(sx, sy, (h.repeat_interleave(k, 1),
-                                                                                      c.repeat_interleave(k, 1)))]
+        if self.cfg.attention:  # one memory per task; its n queries read it together
+            memory = self.support_memory(sx, sy, (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1)))
 
         def logits(out: Tensor, first_step: int = 0) -> Tensor:
             if memory is None:
                 return self.readout(out)
             keys, values, mask, weights = memory
             reads = self.point(out, inputs, first_step)  # [B n, T, H, position]
-            recalled = self.recall(self.memory_key(reads), keys, values, mask[:, None])
-            mix = weights[:, None, :, None]
+            t = reads.shape[1]
+            queries = self.memory_key(reads).reshape(b, n * t, self.heads, -1)  # a task's queries' steps together
+            recalled = self.recall(queries, keys, values, mask[:, None]).reshape(b * n, t, self.heads, -1)
+            mix = weights.repeat_interleave(n, 0)[:, None, :, None]
             return self.readout(torch.cat([out, (reads * mix).sum(2), (recalled * mix).sum(2)], -1))
 
         if teacher:  # one pass over [BOS, y_1 .. y_L-1]
