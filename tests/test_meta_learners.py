@@ -1,6 +1,7 @@
 """The meta-learner zoo: every combination trains or is refused, and each algorithm's defining math."""
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
 import lightning.pytorch as pl
@@ -23,7 +24,7 @@ from metalstm.learners.mlp import MLP, MLPConfig
 from metalstm.meta import META_LEARNERS, build_meta_learner, fused_lstm, lstm_optimizer, refusal
 from metalstm.meta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerConfig, RaviUpdate, preprocess
 from metalstm.meta.maml import MAML
-from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig
+from metalstm.meta.memory_lstm import MemoryLSTM, MemoryLSTMConfig, one_step_late
 from metalstm.meta.protonet import ProtoNet, ProtoNetConfig
 from metalstm.meta.reptile import Reptile, ReptileConfig
 from metalstm.objectives import Classification, get_objective
@@ -584,13 +585,13 @@ def test_instances_count_each_class_presentations():
     assert metrics["acc_3"].item() == 0.0 and metrics["acc_5"].isnan()  # no class shown 5 times
 
 
-@pytest.mark.parametrize("attention", [False, True])
-def test_memory_lstm_answers_each_step_of_a_stream_before_its_label_is_shown(attention):
+@pytest.mark.parametrize("attention,score", [(False, "dense"), (True, "dense"), (True, "cosine")])
+def test_memory_lstm_answers_each_step_of_a_stream_before_its_label_is_shown(attention, score):
     """Changing the label of step t changes no answer up to step t, and (the label being read) later answers."""
     spec = stream_tasks().spec
     torch.manual_seed(0)
     memory = MemoryLSTM(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
-                        MemoryLSTMConfig(hidden=16, attention=attention))
+                        MemoryLSTMConfig(hidden=16, attention=attention, attention_score=score))
     batch = stream_tasks().sample("train", 2, torch.Generator().manual_seed(0))
     outputs = memory.predict(batch)
     assert outputs.shape == (2, 20, 5)
@@ -602,6 +603,40 @@ def test_memory_lstm_answers_each_step_of_a_stream_before_its_label_is_shown(att
     assert not torch.allclose(changed[:, t + 1], outputs[:, t + 1])
     memory.meta_loss(batch).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in memory.parameters() if p.grad is not None)
+
+
+def test_memory_lstm_cosine_attention_reads_the_earlier_drawing_most_like_the_query():
+    """With attention_score=cosine a step's read weights follow the cosine similarity of raw embeddings (a linear
+    base learner embeds by the input itself): a repeat of an earlier example reads that example's label most."""
+    spec = stream_tasks().spec
+    torch.manual_seed(0)
+    memory = MemoryLSTM(MLP(MLPConfig(hidden=[]), spec), Classification().loss, spec,
+                        MemoryLSTMConfig(hidden=16, attention=True, attention_score="cosine"))
+    assert memory.learner.embed_dim == math.prod(spec["input_shape"])  # no hidden layer: the input is the embedding
+    x = torch.randn(1, 6, *spec["input_shape"])
+    x[0, 5] = x[0, 2]  # step 5 repeats step 2's example
+    y = torch.tensor([[0, 1, 2, 3, 4, 0]])
+    z = memory.embed(x)
+    inputs = torch.cat([z, one_step_late(memory.label_slot(y))], -1)
+    keys = torch.cat([z, memory.label_slot(y)], -1)
+    unlabelled = torch.ones(6, 6, dtype=torch.bool).triu()
+    read = memory.attend(inputs, keys, unlabelled)  # the read's label part is the weighted labels of earlier steps
+    label_weights = read[0, 5, -5:]
+    assert label_weights.argmax().item() == 2 and label_weights[2] > 0.95  # sharpness 10: cosine 1 against the others' ~0
+    assert torch.equal(read[0, 0], torch.zeros_like(read[0, 0]))  # nothing labelled before step 0
+
+
+def test_memory_lstm_forget_bias_shifts_only_the_forget_gate():
+    spec = stream_tasks().spec
+    biases = {}
+    for forget_bias in (0.0, 3.0):
+        torch.manual_seed(0)
+        memory = MemoryLSTM(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec,
+                            MemoryLSTMConfig(hidden=16, forget_bias=forget_bias))
+        biases[forget_bias] = memory.lstm.bias_ih_l0.detach() + memory.lstm.bias_hh_l0.detach()
+    shift = biases[3.0] - biases[0.0]  # gates in PyTorch's order: input, forget, cell, output
+    assert torch.allclose(shift[16:32], torch.full((16,), 3.0)) and torch.equal(shift[:16], torch.zeros(16))
+    assert torch.equal(shift[32:], torch.zeros(32))
 
 
 def test_stream_tasks_are_refused_where_they_cannot_apply():

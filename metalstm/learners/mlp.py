@@ -1,4 +1,5 @@
-"""A fully connected network; 1-40-40-1 is MAML's sinusoid regressor."""
+"""A fully connected network; 1-40-40-1 is MAML's sinusoid regressor. With no hidden layers it is a linear model
+whose embedding is the flattened input itself (Santoro et al.'s LSTM reads raw pixels)."""
 from __future__ import annotations
 
 import math
@@ -12,15 +13,11 @@ from metalstm.learners.base import BaseLearner, LearnerConfig, TaskSpec
 
 @dataclass
 class MLPConfig(LearnerConfig):
-    hidden: list[int] = setting(factory=lambda: [40, 40], minimum=1)  # widths of the hidden layers
-
-    def check(self) -> None:
-        if not self.hidden:
-            self.refuse("base_learner.hidden=[] must hold one or more positive layer widths, e.g. [40, 40].")
+    hidden: list[int] = setting(factory=lambda: [40, 40], minimum=1)  # widths of the hidden layers; [] = linear
 
 
 class MLP(BaseLearner):
-    """x [n, *input_shape] (flattened) -> [n, spec output_dim]; embedding = last hidden layer."""
+    """x [n, *input_shape] (flattened) -> [n, spec output_dim]; embedding = last hidden layer (the input if none)."""
 
     @classmethod
     def refusal(cls, cfg: MLPConfig, spec: TaskSpec) -> str | None:

@@ -38,6 +38,10 @@ class MemoryLSTMConfig(MetaConfig):
     # previous: (x_t, y_t-1), Hochreiter/Santoro | current: (x_t, y_t), SNAIL
     labels: str = choice("previous", ("previous", "current"))
     attention: bool = False  # SNAIL-style soft attention over the support positions
+    # how a query scores a position: dense, SNAIL's learned projections of (input, LSTM output) | cosine, MANN's
+    # content addressing: cosine similarity of the two embeddings times a learned sharpness
+    attention_score: str = choice("dense", ("dense", "cosine"))
+    forget_bias: float = 0.0  # added to the forget gate's initial bias; 1 keeps memories longer early in training (Jozefowicz et al. 2015)
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 
 
@@ -59,11 +63,18 @@ class MemoryLSTM(MetaLearner):
                               "task is answered before its label is shown; use meta_learner.labels=previous.")
         self.label_dim = spec["output_dim"]
         self.lstm = nn.LSTM(learner.embed_dim + self.label_dim, cfg.hidden, cfg.layers, batch_first=True)
+        with torch.no_grad():  # PyTorch adds two biases; gates are ordered input, forget, cell, output
+            for name, bias in self.lstm.named_parameters():
+                if name.startswith("bias_ih"):
+                    bias[cfg.hidden : 2 * cfg.hidden] += cfg.forget_bias
         readout = cfg.hidden
         if cfg.attention:
             dense = learner.embed_dim + self.label_dim + cfg.hidden  # [input, LSTM output] per position
-            self.attend_query = nn.Linear(dense, cfg.hidden)
-            self.attend_key = nn.Linear(dense, cfg.hidden)
+            if cfg.attention_score == "dense":
+                self.attend_query = nn.Linear(dense, cfg.hidden)
+                self.attend_key = nn.Linear(dense, cfg.hidden)
+            else:
+                self.sharpness = nn.Parameter(torch.tensor(10.0))
             readout += dense
         self.readout = nn.Linear(readout, spec["output_dim"])
 
@@ -101,9 +112,14 @@ class MemoryLSTM(MetaLearner):
         return self.readout(read)
 
     def attend(self, queries: Tensor, keys: Tensor, hidden: Tensor | None = None) -> Tensor:
-        """The attention read: queries [B, T, dq] over positions keys [B, S, dk] -> [B, T, dk]. ``hidden`` [T, S]:
-        True where a position may not be read yet; a query with none readable reads zeros."""
-        scores = self.attend_query(queries) @ self.attend_key(keys).transpose(1, 2) / self.cfg.hidden**0.5
+        """The attention read: queries [B, T, dq] over positions keys [B, S, dk] -> [B, T, dk]; both start with the
+        embedding. ``hidden`` [T, S]: True where a position may not be read yet; a query with none readable reads zeros."""
+        if self.cfg.attention_score == "cosine":
+            d = self.learner.embed_dim
+            similarity = F.normalize(queries[..., :d], dim=-1) @ F.normalize(keys[..., :d], dim=-1).transpose(1, 2)
+            scores = self.sharpness * similarity
+        else:
+            scores = self.attend_query(queries) @ self.attend_key(keys).transpose(1, 2) / self.cfg.hidden**0.5
         if hidden is None:
             return scores.softmax(-1) @ keys
         weights = scores.masked_fill(hidden, -1e9).softmax(-1)  # exp(-1e9) = 0 exactly
