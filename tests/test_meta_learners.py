@@ -607,7 +607,8 @@ def test_memory_lstm_answers_each_step_of_a_stream_before_its_label_is_shown(att
 
 def test_memory_lstm_cosine_attention_reads_the_earlier_drawing_most_like_the_query():
     """With attention_score=cosine a step's read weights follow the cosine similarity of raw embeddings (a linear
-    base learner embeds by the input itself): a repeat of an earlier example reads that example's label most."""
+    base learner embeds by the input itself): a repeat of an earlier example reads that example's label most, and an
+    example unlike every earlier one reads almost nothing (the weight goes to the novelty score)."""
     spec = stream_tasks().spec
     torch.manual_seed(0)
     memory = MemoryLSTM(MLP(MLPConfig(hidden=[]), spec), Classification().loss, spec,
@@ -622,7 +623,8 @@ def test_memory_lstm_cosine_attention_reads_the_earlier_drawing_most_like_the_qu
     unlabelled = torch.ones(6, 6, dtype=torch.bool).triu()
     read = memory.attend(inputs, keys, unlabelled)  # the read's label part is the weighted labels of earlier steps
     label_weights = read[0, 5, -5:]
-    assert label_weights.argmax().item() == 2 and label_weights[2] > 0.95  # sharpness 10: cosine 1 against the others' ~0
+    assert label_weights.argmax().item() == 2 and label_weights[2] > 0.9  # score 10 x cosine 1 against novelty's 7
+    assert read[0, 4, -5:].sum() < 0.2  # a new example (small cosines) reads mostly "none of these": zeros
     assert torch.equal(read[0, 0], torch.zeros_like(read[0, 0]))  # nothing labelled before step 0
 
 

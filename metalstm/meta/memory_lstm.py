@@ -75,6 +75,9 @@ class MemoryLSTM(MetaLearner):
                 self.attend_key = nn.Linear(dense, cfg.hidden)
             else:
                 self.sharpness = nn.Parameter(torch.tensor(10.0))
+                # the score of "none of these": weight it takes reads zeros, so a drawing unlike every earlier one
+                # (a new class) is not answered with its nearest neighbour's label
+                self.novelty = nn.Parameter(torch.tensor(7.0))
             readout += dense
         self.readout = nn.Linear(readout, spec["output_dim"])
 
@@ -113,17 +116,23 @@ class MemoryLSTM(MetaLearner):
 
     def attend(self, queries: Tensor, keys: Tensor, hidden: Tensor | None = None) -> Tensor:
         """The attention read: queries [B, T, dq] over positions keys [B, S, dk] -> [B, T, dk]; both start with the
-        embedding. ``hidden`` [T, S]: True where a position may not be read yet; a query with none readable reads zeros."""
-        if self.cfg.attention_score == "cosine":
+        embedding. ``hidden`` [T, S]: True where a position may not be read yet; a query with none readable reads
+        zeros. Cosine scores compete with a learned ``novelty`` score whose weight also reads zeros."""
+        cosine = self.cfg.attention_score == "cosine"
+        if cosine:
             d = self.learner.embed_dim
             similarity = F.normalize(queries[..., :d], dim=-1) @ F.normalize(keys[..., :d], dim=-1).transpose(1, 2)
             scores = self.sharpness * similarity
         else:
             scores = self.attend_query(queries) @ self.attend_key(keys).transpose(1, 2) / self.cfg.hidden**0.5
-        if hidden is None:
-            return scores.softmax(-1) @ keys
-        weights = scores.masked_fill(hidden, -1e9).softmax(-1)  # exp(-1e9) = 0 exactly
-        return (weights * ~hidden.all(-1, keepdim=True)) @ keys
+        if hidden is not None:
+            scores = scores.masked_fill(hidden, -1e9)  # exp(-1e9) = 0 exactly
+        if cosine:
+            scores = torch.cat([scores, self.novelty.expand(*scores.shape[:-1], 1)], -1)
+        weights = scores.softmax(-1)[..., : keys.shape[1]]
+        if hidden is not None and not cosine:
+            weights = weights * ~hidden.all(-1, keepdim=True)
+        return weights @ keys
 
     def forward_stream(self, x: Tensor, y: Tensor) -> Tensor:
         """A stream x [B, n, ...] with labels y [B, n] -> outputs [B, n, out], step t answered from x_1..x_t and
