@@ -12,6 +12,8 @@ With ``attention`` a SNAIL-style (Mishra et al. 2018) soft attention lets each q
 support position; as in SNAIL's dense blocks, keys and values are the position's (embedding, label)
 concatenated with the LSTM's output there. A key pairs x_t with its own label y_t, which in the offset
 form arrives one step later: the key spans two input steps, as SNAIL's causal convolutions do.
+``attention_score=cosine`` scores positions instead as MANN's memory does (Santoro et al. 2016): the cosine
+similarity of the embeddings times a learned sharpness, beside a learned "none of these" score that reads zeros.
 
 On stream tasks (Santoro et al.'s online episodes: no support set) the LSTM reads the query stream itself,
 (x_t, y_t-1) at step t, and answers every step; the attention read at step t sees positions s < t only,
