@@ -43,7 +43,7 @@ class MemoryLSTMConfig(MetaConfig):
     # how a query scores a position: dense, SNAIL's learned projections of (input, LSTM output) | cosine, MANN's
     # content addressing: cosine similarity of the two embeddings times a learned sharpness
     attention_score: str = choice("dense", ("dense", "cosine"))
-    forget_bias: float = 0.0  # added to the forget gate's initial bias; 1 keeps memories longer early in training (Jozefowicz et al. 2015)
+    forget_bias: float = 0.0  # added to the forget gate's initial bias; 1 remembers longer early on (Jozefowicz 2015)
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 
 
