@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalstm.config import choice, count
+from metalstm.config import choice, count, setting
 from metalstm.core import EpisodeBatch
 from metalstm.errors import ConfigError
 from metalstm.meta.base import MetaConfig, MetaLearner, MetaOutput
@@ -43,7 +43,8 @@ class MemoryLSTMConfig(MetaConfig):
     # how a query scores a position: dense, SNAIL's learned projections of (input, LSTM output) | cosine, MANN's
     # content addressing: cosine similarity of the two embeddings times a learned sharpness
     attention_score: str = choice("dense", ("dense", "cosine"))
-    forget_bias: float = 0.0  # added to the forget gate's initial bias; 1 remembers longer early on (Jozefowicz 2015)
+    # added to the forget gate's initial bias; 1 remembers longer early on (Jozefowicz et al. 2015)
+    forget_bias: float = setting(0.0, minimum=0)
     shuffle_support: bool = True  # read the support set in random order (fixed per task at test)
 
 
