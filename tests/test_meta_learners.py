@@ -621,11 +621,16 @@ def test_memory_lstm_cosine_attention_reads_the_earlier_drawing_most_like_the_qu
     inputs = torch.cat([z, one_step_late(memory.label_slot(y))], -1)
     keys = torch.cat([z, memory.label_slot(y)], -1)
     unlabelled = torch.ones(6, 6, dtype=torch.bool).triu()
-    read = memory.attend(inputs, keys, unlabelled)  # the read's label part is the weighted labels of earlier steps
+    read, weights = memory.attend(inputs, keys, unlabelled)  # the read's label part: the earlier steps' labels, weighted
     label_weights = read[0, 5, -5:]
     assert label_weights.argmax().item() == 2 and label_weights[2] > 0.9  # score 10 x cosine 1 against novelty's 7
     assert read[0, 4, -5:].sum() < 0.2  # a new example (small cosines) reads mostly "none of these": zeros
     assert torch.equal(read[0, 0], torch.zeros_like(read[0, 0]))  # nothing labelled before step 0
+    # the readout sees the LSTM's output scaled by the weight on "none of these": all of it at step 0, little at step 5
+    lstm_out = torch.randn(1, 6, 16)
+    gated = memory.with_attention(lstm_out, inputs, keys, unlabelled)[..., -16:]
+    assert torch.allclose(gated[0, 0], lstm_out[0, 0])
+    assert torch.allclose(gated[0, 5], (1 - weights[0, 5].sum()) * lstm_out[0, 5]) and weights[0, 5].sum() > 0.9
 
 
 def test_memory_lstm_forget_bias_shifts_only_the_forget_gate():

@@ -81,6 +81,7 @@ class MemoryLSTM(MetaLearner):
                 # the score of "none of these": weight it takes reads zeros, so a drawing unlike every earlier one
                 # (a new class) is not answered with its nearest neighbour's label
                 self.novelty = nn.Parameter(torch.tensor(7.0))
+                readout += cfg.hidden  # the LSTM's output times the weight on "none of these": its guess for a new one
             readout += dense
         self.readout = nn.Linear(readout, spec["output_dim"])
 
@@ -114,13 +115,22 @@ class MemoryLSTM(MetaLearner):
         read = self.lstm(query_in.reshape(b * n_q, 1, -1), state)[0].view(b, n_q, -1)
         if self.cfg.attention:
             keys = torch.cat([z_support, labels, support_out], -1)  # x_t with its own label y_t
-            read = torch.cat([read, self.attend(torch.cat([query_in, read], -1), keys)], -1)
+            read = self.with_attention(read, torch.cat([query_in, read], -1), keys)
         return self.readout(read)
 
-    def attend(self, queries: Tensor, keys: Tensor, hidden: Tensor | None = None) -> Tensor:
-        """The attention read: queries [B, T, dq] over positions keys [B, S, dk] -> [B, T, dk]; both start with the
-        embedding. ``hidden`` [T, S]: True where a position may not be read yet; a query with none readable reads
-        zeros. Cosine scores compete with a learned ``novelty`` score whose weight also reads zeros."""
+    def with_attention(self, read: Tensor, queries: Tensor, keys: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """The readout's features: the LSTM's output read [B, T, h], the attention read, and with cosine scores also
+        read times the weight on "none of these", so the LSTM's answer counts most where nothing earlier matches."""
+        attended, weights = self.attend(queries, keys, hidden)
+        if self.cfg.attention_score == "dense":
+            return torch.cat([read, attended], -1)
+        return torch.cat([read, attended, (1 - weights.sum(-1, keepdim=True)) * read], -1)
+
+    def attend(self, queries: Tensor, keys: Tensor, hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The attention read: queries [B, T, dq] over positions keys [B, S, dk] -> [B, T, dk], and its weights
+        [B, T, S]; both start with the embedding. ``hidden`` [T, S]: True where a position may not be read yet; a
+        query with none readable reads zeros. Cosine scores compete with a learned ``novelty`` score whose weight
+        also reads zeros."""
         cosine = self.cfg.attention_score == "cosine"
         if cosine:
             d = self.learner.embed_dim
@@ -135,7 +145,7 @@ class MemoryLSTM(MetaLearner):
         weights = scores.softmax(-1)[..., : keys.shape[1]]
         if hidden is not None and not cosine:
             weights = weights * ~hidden.all(-1, keepdim=True)
-        return weights @ keys
+        return weights @ keys, weights
 
     def forward_stream(self, x: Tensor, y: Tensor) -> Tensor:
         """A stream x [B, n, ...] with labels y [B, n] -> outputs [B, n, out], step t answered from x_1..x_t and
@@ -148,7 +158,7 @@ class MemoryLSTM(MetaLearner):
             keys = torch.cat([z, labels, read], -1)  # position s with its own label: usable from step s + 1 on
             n = y.shape[1]
             unlabelled = torch.ones(n, n, dtype=torch.bool, device=y.device).triu()  # s >= t: not yet labelled
-            read = torch.cat([read, self.attend(torch.cat([inputs, read], -1), keys, unlabelled)], -1)
+            read = self.with_attention(read, torch.cat([inputs, read], -1), keys, unlabelled)
         return self.readout(read)
 
     def outputs(self, batch: EpisodeBatch, generator: torch.Generator | None) -> Tensor:
