@@ -3,7 +3,7 @@
     from metalstm import load_learner
     learner = load_learner("outputs/2026-11-23/12-00-00")     # a run folder or a .ckpt file
     task = learner.adapt(support_images, support_labels)      # PIL images, uint8 arrays, files, any size
-    probs = task.predict(query_images)                        # [n_query, n_way], columns in task.classes order
+    probs = task.predict(query_images)                        # [n_query, n_way]: column i is task.classes[i]
 
 Images go through the training preprocessing (grayscale or RGB, resize, inversion); adaptation is the
 meta-learner's own test-time procedure (MAML's inner steps, the LSTM optimizer's updates, the memory
@@ -11,6 +11,7 @@ LSTM's reading of the support set, ProtoNet's prototypes), exactly as at meta-te
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,10 @@ class Learner:
         return Image.fromarray(array)
 
     def adapt(self, support: Any, labels: Sequence[Any] | Tensor) -> AdaptedTask:
-        """Adapt to a support set: examples and their labels (any hashable class names for classification)."""
+        """Adapt to a support set: examples and their labels (any hashable class names for classification).
+
+        The output columns of ``predict`` follow ``task.classes``: numeric labels in numeric order (labels 0..n-1 give
+        column i = label i), any other labels sorted by their text."""
         if self.spec["task_type"] == "stream":
             raise ConfigError("This learner was meta-trained on streams (data.stream=true), which have no support set: "
                               "it answers each example before seeing its label, so adapt/predict do not apply. "
@@ -103,7 +107,8 @@ class Learner:
         names = [v.item() if isinstance(v, Tensor) else v for v in labels]
         if len(names) != len(x):
             raise DataError(f"adapt got {len(x)} support examples but {len(names)} labels; give one label per example.")
-        classes = sorted(set(names), key=str)
+        numeric = all(isinstance(n, numbers.Real) and not isinstance(n, bool) for n in names)
+        classes = sorted(set(names)) if numeric else sorted(set(names), key=str)
         ways = self.spec["output_dim"]
         if len(classes) != ways:
             raise DataError(

@@ -51,6 +51,11 @@ def test_every_meta_learner_round_trips_through_load_learner(meta, variant, tmp_
     task = learner.adapt(as_raw_images(episode.support_x[0]), names)
     probs = task.predict(as_raw_images(episode.query_x[0]))
     assert task.classes == [f"char{i}" for i in range(5)]
+    # integer labels: column i is label i in numeric order (label 10 after label 9, not after label 1)
+    numbers = torch.tensor([2, 9, 10, 11, 100])  # in text order: 10, 100, 11, 2, 9
+    by_number = learner.adapt(as_raw_images(episode.support_x[0]), numbers[episode.support_y[0]])
+    assert by_number.classes == [2, 9, 10, 11, 100]
+    assert torch.allclose(by_number.predict(as_raw_images(episode.query_x[0])), probs, atol=1e-6)
     assert probs.shape == (episode.query_x.shape[1], 5) and torch.allclose(probs.sum(1), torch.ones(len(probs)))
     assert torch.allclose(probs, expected, atol=1e-5)
 

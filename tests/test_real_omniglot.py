@@ -10,6 +10,7 @@ from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 
 
 def test_real_omniglot_vinyals_split(real_omniglot, cache_dir):
+    before = {p: p.stat().st_mtime_ns for p in real_omniglot.glob("*.pt")}  # caches earlier runs left there
     tasks = build_omniglot(OmniglotConfig(root=str(real_omniglot), cache_dir=str(cache_dir), download=False))
     assert tasks.images.shape == (1623, 20, 1, 28, 28)
     sizes = {s: len(c) for s, c in tasks.split_classes.items()}
@@ -19,8 +20,9 @@ def test_real_omniglot_vinyals_split(real_omniglot, cache_dir):
     assert tasks.num_classes("train") == 4 * 1028  # rotations as new classes
     batch = tasks.sample("test", 2, torch.Generator().manual_seed(0))
     assert batch.support_x.shape == (2, 5, 1, 28, 28) and batch.query_x.shape == (2, 75, 1, 28, 28)
-    # the read-only shared folder is left untouched: the cache went to cache_dir
-    assert not list(real_omniglot.glob("*.pt"))
+    # with cache_dir set the data folder is left as it was: the cache went to cache_dir
+    assert {p: p.stat().st_mtime_ns for p in real_omniglot.glob("*.pt")} == before
+    assert list(cache_dir.glob("*.pt"))
 
 
 def test_train_on_real_omniglot(real_omniglot, cache_dir, tmp_path):
