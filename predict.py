@@ -2,14 +2,15 @@
 import hydra
 from omegaconf import DictConfig
 
-from metalstm.cli import run_cli
-from metalstm.inference import predict_cli
+from metalstm.cli import launch, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    from metalstm.inference import predict_cli  # torch and Lightning load once the config has composed
+
     run_cli(predict_cli, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

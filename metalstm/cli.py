@@ -1,19 +1,28 @@
 """What the command-line entry points share: the error wrapper and the resolvers their configs use."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metalstm.allocator import keep_freed_memory
 from metalstm.errors import MetalstmError
+from metalstm.files import atomic_write
 from metalstm.resume import resumable_run
 
 T = TypeVar("T")
@@ -25,6 +34,7 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     In a sweep (``-m``) the error is raised on after the message, so the sweeper records the job (an Optuna
     trial) as failed instead of the whole sweep exiting."""
     keep_freed_memory()
+    quiet_third_parties()
     try:
         return task(cfg)
     except MetalstmError as e:
@@ -33,6 +43,81 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(2)
+
+
+def quiet_third_parties() -> None:
+    """No adverts or foreign warnings on a run's terminal: Lightning's GPU/TPU lines, its tips and its
+    "fit stopped" note (info, not warnings), and a deprecation inside Lightning that is not ours to fix."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # episodes are made in-process
+
+
+def launch(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` entry point. A command line Hydra cannot compose (an unknown key or option, a malformed
+    override) gets one paragraph and exit code 2 instead of Hydra's message and exit code 1; with
+    ``HYDRA_FULL_ERROR=1`` set by the user, Hydra's own report is kept."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing and exiting with 1
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"\nmetalstm error: {composition_message(e, Path(sys.argv[0]).name)}\n", file=sys.stderr)
+        sys.exit(2)
+    except MetalstmError:  # a multirun job's error, already reported by run_cli
+        sys.exit(2)
+
+
+def composition_message(error: Exception, script: str) -> str:
+    """Hydra's composition error as one paragraph that names the key or option and the fix."""
+    cause = error.__cause__
+    text = str(error).split("Config search path:")[0]
+    key = re.search(r"Could not override '([^']+)'", text)
+    if key and cause is not None and "not in struct" in str(cause):
+        return (f"{key.group(1)} is not a setting of the config this command line composes. Check its spelling, and "
+                f"that the group it belongs to is chosen first (e.g. data=omniglot before data.ways=...). "
+                f"`python {script} <your overrides> --cfg job` prints every setting.")
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    options = re.search(r"Available options in '[^']+':(.*)", text, re.S)
+    if missing and options:
+        group, option = missing.groups()
+        return (f"{group}={option} is not an option of the {group} group; the options are: "
+                f"{', '.join(options.group(1).split())}. Check the spelling.")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "hydra.cc/docs" not in line]
+    joined = " ".join(lines)
+    if cause is not None and str(cause).strip() and str(cause).strip() not in joined:
+        joined += f" ({str(cause).strip().splitlines()[0]})"
+    return f"{joined.rstrip('.')}. Check the command line: overrides are key=value, groups are chosen with group=option."
+
+
+def register_config_groups(cache: Path = Path.home() / ".cache" / "metalstm") -> None:
+    """Give Hydra the data, base_learner, meta_learner and optim options (their defaults come from the config
+    dataclasses) without importing torch and Lightning (4 s), so that --help, --cfg job and a typo answer in about a
+    second: from a cache keyed on metalstm's source files, written the first time by importing them."""
+    package = Path(__file__).parent
+    sources = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py"))
+    path = cache / f"config_groups-{hashlib.sha1(json.dumps(sources).encode()).hexdigest()[:16]}.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        import metalstm.assembly  # noqa: F401  (the registries: every option stores itself)
+        from metalstm.config import STORED
+
+        stored = STORED
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path, "w") as f:
+                json.dump(stored, f)
+            for old in cache.glob("config_groups-*.json"):  # of earlier source versions
+                if old != path:
+                    old.unlink(missing_ok=True)
+        except OSError:  # a read-only home: composing just stays slower
+            pass
+    for group, name, node in stored:
+        ConfigStore.instance().store(group=group, name=name, node=node)
 
 
 def experiment_name() -> str:
@@ -54,6 +139,7 @@ def sqlite_url(path: str) -> str:
     return f"sqlite:///{file}"
 
 
+register_config_groups()
 # train.yaml: a resumed run writes into its own folder, its Hydra files beside the first ones
 OmegaConf.register_new_resolver(
     "metalstm.run_dir", lambda resume, fresh: str(resumable_run(resume) or fresh), replace=True)

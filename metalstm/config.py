@@ -198,6 +198,15 @@ class Config:
         raise ConfigError(message)
 
 
+STORED: list[tuple[str, str, dict[str, Any]]] = []  # every (group, option, defaults) given to Hydra, for the cache
+
+
+def store(group: str, name: str, node: dict[str, Any]) -> None:
+    """Give Hydra the option ``<group>/<name>`` (its settings' defaults), and remember it for the start-up cache."""
+    ConfigStore.instance().store(group=group, name=name, node=node)
+    STORED.append((group, name, node))
+
+
 def default_of(f: Field) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
@@ -262,7 +271,7 @@ class Registry(dict[str, Entry]):
 
     def register(self, name: str, config_class: type, impl: Any) -> None:
         self[name] = Entry(config_class, impl)
-        ConfigStore.instance().store(group=self.group, name=name, node={"name": name, **defaults_of(config_class)})
+        store(self.group, name, {"name": name, **defaults_of(config_class)})
 
     def parse(self, values: dict[str, Any]) -> Component:
         """The group's dict (``name`` and settings) -> its Component; an unknown name or key is a ConfigError."""

@@ -42,6 +42,7 @@ from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
 
 log = logging.getLogger(__name__)
+summary_log = logging.getLogger("metalstm.summary")  # log file only: the terminal gets the printed summary
 
 
 def summary_line(summary: dict[str, float]) -> str:
@@ -53,6 +54,12 @@ def summary_line(summary: dict[str, float]) -> str:
             mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
             parts.append(f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)}")
     return f"{', '.join(parts)} ({n} tasks)" if parts else f"no test metrics ({n} tasks)"
+
+
+def speed(steps: int, meta_batch_size: int, seconds: float) -> dict[str, float]:
+    """Meta-training throughput of this invocation (a resumed run counts its own steps only)."""
+    per_second = steps / max(seconds, 1e-9)
+    return {"steps_per_second": round(per_second, 2), "tasks_per_second": round(per_second * meta_batch_size, 1)}
 
 
 def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, config: dict, **extra: Any) -> dict:
@@ -104,6 +111,7 @@ def train(cfg: DictConfig) -> float | None:
     log.info("experiment %s: %s on %s, output in %s%s", config["experiment"], config["meta_learner"]["name"],
              config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
 
+    fit_started = time.time()
     try:
         with stop_on_sigint() as interrupts:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -115,10 +123,12 @@ def train(cfg: DictConfig) -> float | None:
               f"  python train.py resume={output_dir}", file=sys.stderr)
         log.info("stopped by %s at step %d", name, trainer.global_step)
         sys.exit(128 + (signal.SIGINT if interrupts else signal.SIGTERM))
-    train_seconds = time.time() - started
+    train_seconds, fit_seconds = time.time() - started, time.time() - fit_started
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    test_started = time.time()
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    test_seconds = time.time() - test_started
     if trainer.global_rank != 0:
         return None
     score = checkpoint.best_model_score if checkpoint is not None else None
@@ -129,13 +139,15 @@ def train(cfg: DictConfig) -> float | None:
         best_val={f"val/{objective.monitor}": best_score},
         steps=trainer.global_step,
         train_seconds=round(train_seconds, 1),
+        **speed(trainer.global_step - (resume_step or 0), settings.data.config.meta_batch_size, fit_seconds),
+        test_seconds=round(test_seconds, 1),
         total_seconds=round(time.time() - started, 1),
         device=str(module.device),
         resumed_at_step=resume_step,
     )
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
-    log.info("%s  [results: %s]", line, output_dir / "results.json")
+    summary_log.info("%s  [results: %s]", line, output_dir / "results.json")
     if best:
         tested = best
     elif not settings.data.config.val_held_out:
@@ -144,7 +156,9 @@ def train(cfg: DictConfig) -> float | None:
         tested = "none: checkpointing is off"
     else:
         tested = "none: no validation ran, so the final weights were tested"
-    print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {tested}\n  results:     {output_dir / 'results.json'}")
+    print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {tested}\n  results:     {output_dir / 'results.json'}\n"
+          f"  speed:       {results['steps_per_second']} steps/s, {results['tasks_per_second']} tasks/s (meta-training, "
+          f"validation included); test {results['test_seconds']} s")
     return best_score
 
 
@@ -181,12 +195,14 @@ def evaluate(cfg: DictConfig) -> dict:
         logger.log_hyperparams({**config, "evaluated_checkpoint": str(path.resolve())})
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
+    test_started = time.time()
     trainer.test(module, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     results = results_record(module, datamodule, config, checkpoint=str(path.resolve()),
-                             run_dir=str(path.resolve().parent.parent), device=str(module.device))
+                             run_dir=str(path.resolve().parent.parent), device=str(module.device),
+                             test_seconds=round(time.time() - test_started, 1))
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
-    log.info("%s  [results: %s]", line, output_dir / "results.json")
-    print(line)
+    summary_log.info("%s  [results: %s]", line, output_dir / "results.json")
+    print(f"{line}, test {results['test_seconds']} s")
     return results

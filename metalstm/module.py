@@ -7,12 +7,11 @@ from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
-from hydra.core.config_store import ConfigStore
 from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
 from metalstm.checkpointing import CHECKPOINT_FORMAT
-from metalstm.config import Config, choice, count, defaults_of, fraction, positive, setting
+from metalstm.config import Config, choice, count, defaults_of, fraction, positive, setting, store
 from metalstm.core import EpisodeBatch
 from metalstm.errors import ConfigError, MetalstmError
 from metalstm.meta.base import MetaLearner
@@ -35,7 +34,7 @@ class OptimConfig(Config):
     lr_decay: float = fraction(0.5, exclusive=True)  # step schedule: factor per decay
 
 
-ConfigStore.instance().store(group="optim", name="default", node=defaults_of(OptimConfig))
+store("optim", "default", defaults_of(OptimConfig))
 
 
 class TrainingDiverged(MetalstmError):
@@ -78,6 +77,7 @@ class MetaLearningModule(pl.LightningModule):
         opt.zero_grad()
         self.meta_learner.progress = self.training_progress()
         self.meta_learner.diagnose = self.logs_this_step()  # log() costs ~0.5 ms a call; a Conv-4 has 108 gate statistics
+        last = self.last_step()  # before opt.step(), which counts this step in global_step
         out = self.meta_learner.meta_loss(batch)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
@@ -92,11 +92,11 @@ class MetaLearningModule(pl.LightningModule):
         opt.step()
         if self.optim.lr_schedule != "constant":
             self.lr_schedulers().step()
-        metrics = self.objective.task_metrics(out.query_outputs, batch.query_y)
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=batch.num_tasks)
-        for name, values in metrics.items():
-            if name != "loss":
-                self.log(f"train/{name}", values.mean(), prog_bar=True, batch_size=batch.num_tasks)
+        if last:
+            self.trainer.should_stop = True  # training ends here anyway; Lightning then writes this step's metrics
+        # train/loss is the adapted learner's query loss, comparable across methods (Reptile's meta-loss is a surrogate)
+        for name, values in self.objective.task_metrics(out.query_outputs, batch.query_y).items():
+            self.log(f"train/{name}", values.mean(), prog_bar=True, batch_size=batch.num_tasks)
         for name, value in (out.diagnostics or {}).items():
             self.log(f"train/{name}", value, batch_size=batch.num_tasks)
         return out.loss.detach()
@@ -104,7 +104,11 @@ class MetaLearningModule(pl.LightningModule):
     def logs_this_step(self) -> bool:
         """Whether Lightning writes this training step's metrics (every trainer.log_every_n_steps steps)."""
         every = self.trainer.log_every_n_steps
-        return every > 0 and (self.global_step + 1) % every == 0
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.last_step())
+
+    def last_step(self) -> bool:
+        """Whether this is the last step of trainer.max_steps (a short run still logs its training metrics)."""
+        return 0 < self.trainer.max_steps <= self.global_step + 1
 
     def training_progress(self) -> float:
         """Fraction of meta-training done: of trainer.max_steps, or of trainer.max_time if that ends it sooner."""

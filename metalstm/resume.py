@@ -9,7 +9,6 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metalstm.checkpointing import load_checkpoint, upgrades_rule_weights
 from metalstm.errors import CheckpointError, ConfigError
 
 RESUMABLE = ("trainer.", "data.root", "data.cache_dir")  # what a resumed run may change
@@ -58,6 +57,8 @@ def resumed_config(cfg: DictConfig) -> tuple[dict, Path, int]:
             f"resume={cfg.resume} is not a run folder (one with checkpoints/last.ckpt, e.g. outputs/<date>/<time>) "
             f"or a checkpoint in a run's checkpoints/ folder. Check the path; train.py prints the run folder when it ends."
         )
+    from metalstm.checkpointing import load_checkpoint, upgrades_rule_weights  # torch: only once a run is resumed
+
     _, path = target
     checkpoint = load_checkpoint(path)
     if upgrades_rule_weights(checkpoint):
