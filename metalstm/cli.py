@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -35,6 +37,7 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     trial) as failed instead of the whole sweep exiting."""
     keep_freed_memory()
     quiet_third_parties()
+    started = time.time()
     try:
         return task(cfg)
     except MetalstmError as e:
@@ -42,7 +45,26 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         print(f"\nmetalstm error: {e}\n", file=sys.stderr)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
+        if HydraConfig.initialized():
+            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), started, Path(cfg.paths.log_dir))
         sys.exit(2)
+
+
+def remove_empty_run(folder: Path, started: float, log_dir: Path) -> None:
+    """Remove the folder Hydra made for a command that was refused before it produced anything: it holds only
+    Hydra's config files and the log, all written by this command. Any other file (a resumed run's checkpoints, a
+    folder named by hand) keeps the folder as it is. Date folders left empty below ``log_dir`` go too."""
+    hydra_files = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    names = {p.relative_to(folder).as_posix() for p in files}
+    ours = all(p.stat().st_mtime >= started - 60 for p in files)  # Hydra wrote them just before the task started
+    if ours and names - hydra_files <= {f"{HydraConfig.get().job.name}.log"}:
+        shutil.rmtree(folder, ignore_errors=True)
+        top = log_dir.resolve()
+        for parent in folder.resolve().parents:
+            if parent == top or top not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def quiet_third_parties() -> None:

@@ -150,6 +150,8 @@ def train(cfg: DictConfig) -> float | None:
     summary_log.info("%s  [results: %s]", line, output_dir / "results.json")
     if best:
         tested = best
+    elif trainer.fast_dev_run:
+        tested = "none: a fast dev run (debug=fdr) keeps no checkpoint; the final weights were tested"
     elif not settings.data.config.val_held_out:
         tested = "final weights (data.trainval: the validation classes were trained on, so none is 'best')"
     elif checkpoint is None:

@@ -10,3 +10,8 @@ class ProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{'Meta-training':{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # a logger's version (W&B's run id): not a metric
+        return metrics
