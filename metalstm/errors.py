@@ -19,3 +19,7 @@ class DataError(MetalstmError):
 
 class CheckpointError(MetalstmError):
     """A checkpoint or run directory that cannot be used."""
+
+
+class ResourceError(MetalstmError):
+    """The machine lacks what the run needs (memory, a device)."""

@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from metalstm.cli import experiment_name
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
 from metalstm.files import write_json
+from metalstm.memory import check_batch_fits, is_out_of_memory, out_of_memory
 from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
 
@@ -54,6 +57,22 @@ def summary_line(summary: dict[str, float]) -> str:
             mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
             parts.append(f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)}")
     return f"{', '.join(parts)} ({n} tasks)" if parts else f"no test metrics ({n} tasks)"
+
+
+def training_device(accelerator: str) -> torch.device:
+    """The device Lightning will train on for ``trainer.accelerator``."""
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
+@contextmanager
+def explained_out_of_memory(settings: Settings, device: torch.device, phase: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(e, settings, device, phase) from e
+        raise
 
 
 def speed(steps: int, meta_batch_size: int, seconds: float) -> dict[str, float]:
@@ -105,6 +124,8 @@ def train(cfg: DictConfig) -> float | None:
     loggers = make_loggers(config, "train", config["run_id"], resume_step)  # nothing is written until they log
     trainer: pl.Trainer = instantiate_checked(config["trainer"], "trainer", callbacks=callbacks,
                                               logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    device = training_device(str(config["trainer"].get("accelerator", "auto")))
+    check_batch_fits(settings, device)
     datamodule = build_datamodule(settings.data, seed=settings.run.seed)  # the first time any data is read
     for logger in loggers:
         logger.log_hyperparams(config)  # the full resolved config, on every dashboard
@@ -113,7 +134,7 @@ def train(cfg: DictConfig) -> float | None:
 
     fit_started = time.time()
     try:
-        with stop_on_sigint() as interrupts:
+        with stop_on_sigint() as interrupts, explained_out_of_memory(settings, device, "meta-training"):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         last = next((c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
@@ -127,7 +148,8 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     test_started = time.time()
-    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    with explained_out_of_memory(settings, device, "meta-testing"):
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_seconds = time.time() - test_started
     if trainer.global_rank != 0:
         return None
@@ -198,7 +220,8 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
     test_started = time.time()
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    with explained_out_of_memory(settings, training_device(cfg.accelerator), "meta-testing"):
+        trainer.test(module, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     results = results_record(module, datamodule, config, checkpoint=str(path.resolve()),
                              run_dir=str(path.resolve().parent.parent), device=str(module.device),

@@ -31,6 +31,11 @@ class ClassEpisodeConfig(EpisodeConfig):
     def spec(self) -> TaskSpec:
         return class_spec(self.example_shape(), self.ways, self.train_ways)
 
+    def examples_per_step(self) -> int:
+        ways = self.train_ways or self.ways
+        shots = self.shots if self.train_shots is None else self.train_shots
+        return self.meta_batch_size * ways * (shots + self.query)
+
 
 def class_spec(input_shape: tuple[int, ...], ways: int, train_ways: int | None, stream: bool = False) -> TaskSpec:
     spec: TaskSpec = {"task_type": "stream" if stream else "classification", "input_shape": tuple(input_shape),

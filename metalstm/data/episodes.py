@@ -40,6 +40,10 @@ class EpisodeConfig(Config):
         """The TaskSpec of the tasks this config describes (the source built from it has the same)."""
         raise NotImplementedError
 
+    def examples_per_step(self) -> int | None:
+        """Examples in one meta-training batch (all tasks, support and query), where the config fixes it."""
+        return None
+
     @property
     def val_held_out(self) -> bool:
         """Whether meta-training never sees the validation classes, so the best validated checkpoint is tested."""

@@ -5,15 +5,20 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONFIG_DIR, REPO, run_script
-from helpers import assert_one_clear_message
+from helpers import assert_one_clear_message, cli
+from metalstm import jobs
 from metalstm.loggers import WandbLogger, wandb_has_login
+from metalstm.memory import is_out_of_memory
 
 
 def isolated(home: Path, **env: str) -> dict[str, str]:
@@ -122,3 +127,22 @@ def test_reptile_shows_its_query_loss_not_the_surrogate(tmp_path):
     with open(run / "csv" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and min(losses) > 0.1  # sinusoid MSE of an untrained learner, not Reptile's ~0 surrogate
+
+
+def test_a_batch_larger_than_the_memory_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(jobs, "build_datamodule", lambda *a, **k: pytest.fail("the data was read"))
+    code, err = cli("train", ["data=omniglot", "base_learner=conv4", "data.image_size=3000", "data.meta_batch_size=64",
+                              f"data.root={tmp_path}"], tmp_path / "run", capsys)
+    assert_one_clear_message(code, err, "GiB for the inputs alone", "data.meta_batch_size=64", "data.image_size=3000")
+
+
+def test_running_out_of_memory_names_the_settings_to_lower(tmp_path):
+    """An address-space limit makes the allocator fail as a full machine would."""
+    limit = 4 * 2**30
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "data.meta_batch_size=100000", "trainer.max_steps=3"], cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert_one_clear_message(result.returncode, result.stderr, "Out of memory during meta-training",
+                             "data.meta_batch_size=100000", "meta_learner.first_order=true")
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and not is_out_of_memory(RuntimeError("shape"))

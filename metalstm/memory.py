@@ -1,0 +1,72 @@
+"""Running out of memory: refused before any work where the need is known in advance, explained where it is not."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from metalstm.errors import ResourceError
+
+GIB = 2**30
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device``: the GPU's free memory, or the CPU's MemAvailable (Linux); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def drivers(settings: Any) -> str:
+    """The settings of this run that drive its memory, with their values."""
+    data, meta, base = settings.data.config, settings.meta_learner.config, settings.base_learner.config
+    keys = [("data", data, k) for k in ("meta_batch_size", "ways", "train_ways", "shots", "train_shots", "query",
+                                          "image_size", "eval_batch_size")]
+    keys += [("meta_learner", meta, k) for k in ("inner_steps", "first_order", "hidden")]
+    keys += [("base_learner", base, k) for k in ("hidden", "channels", "hidden_size")]
+    shown = [f"{group}.{k}={getattr(c, k)}" for group, c, k in keys if getattr(c, k, None) is not None]
+    return ", ".join(shown)
+
+
+def check_batch_fits(settings: Any, device: torch.device) -> None:
+    """Refuse, before any data is read, a meta-batch whose examples alone exceed the free memory (a lower bound:
+    activations and, for second-order methods, every inner step's graph come on top)."""
+    examples = settings.data.config.examples_per_step()
+    free = available_bytes(device)
+    if examples is None or free is None:
+        return
+    need = examples * math.prod(settings.spec["input_shape"]) * 4
+    if need > free:
+        raise ResourceError(
+            f"One meta-training batch holds {examples:,} examples of shape {list(settings.spec['input_shape'])}: "
+            f"{need / GIB:.1f} GiB for the inputs alone, more than the {free / GIB:.1f} GiB free on {device}. Lower "
+            f"data.meta_batch_size, the ways, shots or query per task, or data.image_size (now: {drivers(settings)}).")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def out_of_memory(error: BaseException, settings: Any, device: torch.device, phase: str) -> ResourceError:
+    """The one-paragraph error for an allocation that failed during ``phase``."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    free = available_bytes(device)
+    where = f"{device}" + (f", {free / GIB:.1f} GiB free now" if free is not None else "")
+    second_order = getattr(settings.meta_learner.config, "first_order", None) is False
+    graphs = ", and with second-order MAML the inner steps' graphs" if second_order else ""
+    first_order = ", or set meta_learner.first_order=true" if second_order else ""
+    gpu = "" if device.type == "cuda" else ", or train on a GPU (trainer=gpu)"
+    return ResourceError(
+        f"Out of memory during {phase} on {where} ({first}). Memory grows with the tasks per batch, the examples per "
+        f"task and their size, the network's width{graphs}; this run has {drivers(settings)}. Lower "
+        f"data.meta_batch_size (or data.eval_batch_size for validation and test) first{first_order}{gpu}. "
+        f"Checkpoints written so far are kept.")
