@@ -23,7 +23,9 @@ from omegaconf import OmegaConf
 
 from metalstm.errors import DataError
 
-IGNORED = ("paths.", "hydra.", "run_id", "resume")  # keys that differ between runs without meaning anything
+# keys that differ between runs without meaning anything: where files go, how they are logged
+PLUMBING = ("paths.", "hydra.", "logger.", "callbacks.", "run_id", "resume", "trainer.default_root_dir")
+CHOICES = ("experiment", "meta_learner.name", "base_learner.name", "data.name")  # shown first, whenever they differ
 MAIN_METRICS = ("test/acc", "test/mse", "test/token_acc", "test/seq_acc", "test/point_error")  # reported first
 # two-sided 95% Student's t for 1..30 degrees of freedom; 1.96 beyond
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -40,7 +42,10 @@ class Run:
 
     @property
     def status(self) -> str:
-        return "done" if self.results else "unfinished"
+        """done (tested) | unfinished (trained, stopped before its test) | empty (refused or stopped before step 1)."""
+        if self.results:
+            return "done"
+        return "unfinished" if self.curves or (self.path / "checkpoints").is_dir() else "empty"
 
     def metric(self, name: str) -> tuple[float, float] | None:
         metrics = (self.results or {}).get("metrics", {})
@@ -108,8 +113,15 @@ def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED)})
-    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+    """The settings that tell the runs apart: the group choices, then every key that two runs both set and set
+    differently. A key only some runs have (data.ways beside a sinusoid run) comes with their group choice."""
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(PLUMBING) and not k.endswith("_target_")})
+
+    def values(key: str, everywhere: bool) -> set[str]:
+        return {json.dumps(r.config.get(key), sort_keys=True) for r in runs if everywhere or r.config.get(key) is not None}
+
+    choices = [k for k in CHOICES if len(values(k, True)) > 1]
+    return choices + [k for k in keys if k not in CHOICES and len(values(k, False)) > 1]
 
 
 def test_metrics(runs: list[Run]) -> list[str]:
@@ -147,18 +159,24 @@ class Report:
     metrics: list[str]  # test metrics found
     run_rows: list[dict[str, str]]
     seed_rows: list[dict[str, str]]  # one per group of runs that differ only by seed (2 or more runs)
+    empty: list[Run] = field(default_factory=list)  # folders of runs refused or stopped before their first step
 
 
 def build_report(runs: list[Run]) -> Report:
+    """The table's runs: those that trained (folders of refused runs are listed in the summary only)."""
+    empty = [r for r in runs if r.status == "empty"]
+    runs = [r for r in runs if r.status != "empty"]
     keys = differing_keys(runs)
     metrics = test_metrics(runs)
     run_rows = []
-    for run in runs:
-        row = {"run": run.name, "status": run.status, **{k: fmt(run.config.get(k)) for k in keys}}
+    for number, run in enumerate(runs, 1):
+        row = {"#": str(number), "run": run.name, "status": run.status,
+               **{k: "" if run.config.get(k) is None else fmt(run.config.get(k)) for k in keys}}
         for metric in metrics:
             row[metric] = fmt_ci(run.metric(metric))
         row["steps"] = fmt((run.results or {}).get("steps", ""))
         row["train_seconds"] = fmt((run.results or {}).get("train_seconds", ""))
+        row["steps/s"] = fmt((run.results or {}).get("steps_per_second", ""))
         run_rows.append(row)
     group_keys = [k for k in keys if k != "seed"]
     groups: dict[tuple, list[Run]] = {}
@@ -175,7 +193,7 @@ def build_report(runs: list[Run]) -> Report:
                 scores = [r.metric(metric)[0] for r in done if r.metric(metric)]
                 row[metric] = fmt_ci(student_t_ci95(scores)) if scores else ""
             seed_rows.append(row)
-    return Report(runs, keys, metrics, run_rows, seed_rows)
+    return Report(runs, keys, metrics, run_rows, seed_rows, empty)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -197,8 +215,23 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_label(run: Run, keys: list[str]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(run.config.get(k))}" for k in keys) or run.name
+LABEL_CHARS = 48  # a legend entry's length: the runs table holds the full settings
+
+
+def run_label(run: Run, report: Report) -> str:
+    """The run's number in the table and the settings that set it apart, shortened to their last name part."""
+    number = report.runs.index(run) + 1
+    choices = "/".join(fmt(run.config.get(k)) for k in report.keys if k in CHOICES)  # e.g. omniglot_5way/maml/conv4
+    settings = [f"{k.rsplit('.', 1)[-1]}={fmt(run.config.get(k))}" for k in report.keys
+                if k not in CHOICES and run.config.get(k) is not None]
+    text = ", ".join(([choices] if choices else []) + settings) or run.name
+    return f"{number}. {text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + '…'}"
+
+
+def run_colour(run: Run, report: Report) -> Any:
+    """One colour per run, the same in every figure."""
+    cmap = pyplot().get_cmap("tab10" if len(report.runs) <= 10 else "tab20")
+    return cmap(report.runs.index(run) % cmap.N)
 
 
 def pyplot() -> Any:
@@ -211,33 +244,73 @@ def pyplot() -> Any:
     return plt
 
 
+def figure(rows: int, columns: int, width: float = 13.0, row_height: float = 4.2) -> tuple[Any, list[Any]]:
+    """A page-wide figure of ``rows`` x ``columns`` panels, laid out by matplotlib's constrained layout (room for
+    long tick labels and a legend outside the panels, without tight_layout's warnings)."""
+    fig, axes = pyplot().subplots(rows, columns, figsize=(width, row_height * rows), squeeze=False, layout="constrained")
+    return fig, [ax for row in axes for ax in row]
+
+
 def save_figure(fig: Any, path: Path) -> bool:
-    """Lay out, write as a PNG and close a matplotlib figure; True (the plot functions' "written")."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """Write a matplotlib figure as a PNG and close it; True (the plot functions' "written")."""
+    fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return True
 
 
-def plot_curves(report: Report, path: Path) -> bool:
-    plt = pyplot()
+def legend_below(fig: Any, report: Report, runs: list[Run]) -> None:
+    """One legend for the figure, under its panels, so that no curve is covered."""
+    handles = [pyplot().Line2D([], [], color=run_colour(r, report), linewidth=2) for r in runs]
+    fig.legend(handles, [run_label(r, report) for r in runs], loc="outside lower center", ncol=min(3, len(runs)),
+               fontsize=8, frameon=False)
 
-    val_names = sorted({k for r in report.runs for k in r.curves if k.startswith("val/") and k != "val/loss"})
-    panels = [("train/loss", "meta-training loss")] + [(k, f"validation {k[4:]}") for k in val_names]
-    panels = [(k, title) for k, title in panels if any(k in r.curves for r in report.runs)]
-    if not panels:
+
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start; ``weight`` shrinks for short
+    curves so that a few points are not flattened."""
+    weight = min(weight, 1 - 4 / max(len(values), 5))
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def plot_curves(report: Report, path: Path) -> bool:
+    """Meta-training loss and every validation metric against steps: the smoothed curve solid, the logged points
+    faint. A validation panel is always drawn; where no run validated, it says why."""
+    runs = [r for r in report.runs if r.curves]
+    if not runs:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for run in report.runs:
+    val_names = sorted({k for r in runs for k in r.curves if k.startswith("val/") and k != "val/loss"},
+                       key=lambda k: (f"test/{k[4:]}" not in MAIN_METRICS, k))
+    panels = [("train/loss", "meta-training loss (query loss after adaptation)")]
+    panels += [(k, f"validation {k[4:]}") for k in val_names] or [("val/", "validation")]
+    columns = min(2, len(panels))
+    fig, axes = figure(math.ceil(len(panels) / columns), columns)
+    for ax, (key, title) in zip(axes, panels):
+        for run in runs:
             if key in run.curves:
                 steps, values = zip(*run.curves[key])
-                ax.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3,
-                        label=run_label(run, report.keys))
-        ax.set_title(title)
+                colour = run_colour(run, report)
+                ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8, marker="o" if len(steps) < 30 else None,
+                        markersize=2.5)
+                ax.plot(steps, smoothed(list(values)), color=colour, linewidth=1.8, marker="o" if len(steps) <= 2 else None,
+                        markersize=4)
+        if key == "val/":
+            intervals = sorted({fmt(r.config.get("trainer.val_check_interval")) for r in runs})
+            steps = sorted({fmt((r.results or {}).get("steps", "?")) for r in runs})
+            ax.text(0.5, 0.5, "no validation ran in these runs:\nit runs every trainer.val_check_interval steps "
+                    f"({', '.join(intervals)}),\nand the runs trained {', '.join(steps)} steps",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#555")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("meta-training step")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    legend_below(fig, report, runs)
     return save_figure(fig, path)
 
 
@@ -259,20 +332,19 @@ def gate_values(run: Run) -> dict[str, dict[str, list[tuple[int, float, float]]]
 def plot_gates(report: Report, path: Path) -> bool:
     """The learned optimizer's gates per inner step and layer at the end of meta-training (Ravi & Larochelle's
     Figure 2): one panel per run and gate, a line per layer, the band one standard deviation over coordinates."""
-    plt = pyplot()
     import matplotlib.ticker
 
     panels = [(run, gate, layers) for run in report.runs for gate, layers in sorted(gate_values(run).items())]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (run, gate, layers) in zip(axes[0], panels):
+    fig, axes = figure(1, len(panels), width=5.5 * len(panels), row_height=4)
+    for ax, (run, gate, layers) in zip(axes, panels):
         for layer, points in sorted(layers.items(), key=lambda item: natural_key([item[0]])):
             steps, means, spreads = zip(*sorted(points))
             ax.plot(steps, means, marker="o", markersize=3, label=layer)
             ax.fill_between(steps, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],
                             alpha=0.15)
-        ax.set_title(f"{gate} gate, {run_label(run, report.keys)}", fontsize=9)
+        ax.set_title(f"{gate} gate, {run_label(run, report)}", fontsize=9)
         ax.set_xlabel("inner step")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -281,22 +353,28 @@ def plot_gates(report: Report, path: Path) -> bool:
 
 
 def plot_final(report: Report, path: Path) -> bool:
-    plt = pyplot()
-
+    """Each test metric as horizontal bars, one per finished run in the table's order and colours, with the 95% CI
+    over test tasks; the labels sit beside the bars, so long ones are not cut."""
     scored = [(m, [(r, r.metric(m)) for r in report.runs if r.metric(m)]) for m in report.metrics]
     scored = [(m, pairs) for m, pairs in scored if pairs]
     if not scored:
         return False
-    fig, axes = plt.subplots(1, len(scored), figsize=(max(5.0, 0.9 * len(report.runs) + 2) * len(scored), 4.2),
-                             squeeze=False)
-    for ax, (metric, pairs) in zip(axes[0], scored):
-        labels = [run_label(r, report.keys) for r, _ in pairs]
+    most = max(len(pairs) for _, pairs in scored)
+    columns = min(2, len(scored))
+    fig, axes = figure(math.ceil(len(scored) / columns), columns, row_height=1.2 + 0.38 * most)
+    for ax, (metric, pairs) in zip(axes, scored):
+        ys = list(range(len(pairs)))[::-1]  # the first run on top, as in the table
         means = [p[0] for _, p in pairs]
         cis = [0.0 if math.isnan(p[1]) else p[1] for _, p in pairs]
-        ax.bar(range(len(pairs)), means, yerr=cis, capsize=4, color="#4c72b0")
-        ax.set_xticks(range(len(pairs)), labels, rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{metric} (95% CI over test tasks)")
-        ax.grid(axis="y", alpha=0.3)
+        ax.barh(ys, means, xerr=cis, capsize=3, color=[run_colour(r, report) for r, _ in pairs], height=0.7)
+        ax.set_yticks(ys, [run_label(r, report) for r, _ in pairs], fontsize=8)
+        for y, mean, ci in zip(ys, means, cis):
+            ax.annotate(f"{mean:.4g}", (mean + ci, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.margins(x=0.12)
+        ax.set_title(f"{metric} (95% CI over test tasks)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(scored):]:
+        ax.set_visible(False)
     return save_figure(fig, path)
 
 
@@ -338,14 +416,16 @@ body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
-img {{ max-width: 100%; border: 1px solid #eee; }}
+.wide {{ overflow-x: auto; }}
+img {{ width: 100%; max-width: 1430px; border: 1px solid #eee; }}
 </style></head>
 <body>
 <h1>Run comparison</h1>
 <p>{summary}</p>
 <h2>Runs</h2>
-<p>Config keys that differ between runs, and each run's test metrics (mean ± 95% CI over its test tasks).</p>
-{runs}
+<p>Config keys that differ between runs (blank: the run's config groups have no such key), and each run's test
+metrics (mean ± 95% CI over its test tasks). The figures name runs by their number here.</p>
+<div class="wide">{runs}</div>
 {seeds}
 {images}
 {probe}
@@ -371,15 +451,13 @@ def instance_accuracy(run: Run) -> list[tuple[int, float, float]]:
 def plot_instances(report: Report, path: Path) -> bool:
     """Accuracy at the k-th presentation of a class (stream runs: Santoro et al.'s protocol), with the paper's
     LSTM and MANN rows drawn in (dashed) for comparison."""
-    plt = pyplot()
-
     runs = [(run, points) for run in report.runs if (points := instance_accuracy(run))]
     if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax,) = figure(1, 1, width=7.5, row_height=4.5)
     for run, points in runs:
         ks, accs, cis = zip(*points)
-        ax.errorbar(ks, accs, yerr=cis, marker="o", capsize=3, label=run_label(run, report.keys))
+        ax.errorbar(ks, accs, yerr=cis, marker="o", capsize=3, label=run_label(run, report), color=run_colour(run, report))
     for label, row in SANTORO_ROWS.items():
         ax.plot(list(row), list(row.values()), linestyle="--", marker="x", color="grey", alpha=0.7)
         ax.annotate(label, (10, row[10]), textcoords="offset points", xytext=(-4, 4), ha="right", fontsize=7,
@@ -419,6 +497,9 @@ def write_report(folders: list[Path], out: Path) -> dict[str, Path]:
     done = sum(r.results is not None for r in report.runs)
     summary = (f"{len(report.runs)} runs ({done} finished) from {html.escape(', '.join(map(str, folders)))}; "
                f"differing keys: {html.escape(', '.join(report.keys) or 'none')}.")
+    if report.empty:
+        summary += (f" Left out, as they hold no training: {html.escape(', '.join(r.name for r in report.empty))} "
+                    "(refused at the config check, or stopped before the first step).")
     page = PAGE.format(title=html.escape(folders[0].name), summary=summary, runs=html_table(report.run_rows, "run"),
                        seeds=seeds, images="\n".join(images), probe=render_probe("tr.run"))
     (out / "report.html").write_text(page)

@@ -88,17 +88,21 @@ def test_an_unfinished_run_is_listed_without_metrics(tmp_path):
     from metalstm.report import write_report
 
     for name, lr, results in (("a", 0.1, {"metrics": {"test/acc": 50.0, "test/acc_ci95": 2.0}, "steps": 10}),
-                              ("b", 0.2, None)):
+                              ("b", 0.2, None), ("c", 0.3, None)):
         run = tmp_path / "sweep" / name
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "config.yaml").write_text(f"seed: 1\nmeta_learner:\n  inner_lr: {lr}\n")
         if results:
             (run / "results.json").write_text(json.dumps(results))
+        if name == "b":  # stopped after some training: its curve is there, its test is not
+            (run / "csv").mkdir()
+            (run / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,4,1.5\n")
     written = write_report([tmp_path / "sweep"], tmp_path / "out")
     table = rows(tmp_path / "out" / "runs.csv")
     assert [(r["run"], r["status"], r["meta_learner.inner_lr"], r["test/acc"]) for r in table] == [
         ("sweep/a", "done", "0.1", "50 ± 2"), ("sweep/b", "unfinished", "0.2", "")]
     assert "seeds" not in written and "final" in written
+    assert "Left out, as they hold no training: sweep/c" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_runs_and_layers_sort_by_their_numbers():
@@ -145,3 +149,59 @@ def test_lstm_optimizer_run_reports_its_gates(tmp_path):
     with Image.open(written["gates"]) as image:
         assert image.format == "PNG" and image.width > 600  # two panels: input and forget
     assert "<h2>The learned optimizer's gates per inner step and layer</h2>" in (tmp_path / "out" / "report.html").read_text()
+
+
+def fake_run(folder: Path, config: str, choices: dict[str, str], curves: str | None, results: dict | None) -> None:
+    """A run folder as train.py leaves it: its config, Hydra's record of the group choices, metrics and results."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(config)
+    (folder / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n" +
+                                                  "".join(f"      {k}: {v}\n" for k, v in choices.items()))
+    if curves:
+        (folder / "csv").mkdir()
+        (folder / "csv" / "metrics.csv").write_text(curves)
+    if results:
+        (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_mixed_runs_show_only_what_tells_them_apart_with_readable_figures(tmp_path):
+    from metalstm.report import LABEL_CHARS, build_report, find_runs, run_label
+
+    plumbing = "paths:\n  output_dir: {out}\nlogger:\n  csv:\n    _target_: metalstm.loggers.CSVLogger\n    save_dir: {out}\n"
+    sinusoid = ("seed: 1\ndata:\n  name: sinusoid\n  amplitude: [0.1, 5.0]\n  meta_batch_size: 25\n"
+                "meta_learner:\n  name: maml\n  inner_lr: {lr}\ntrainer:\n  val_check_interval: 500\n" + plumbing)
+    omniglot = ("seed: 1\ndata:\n  name: omniglot\n  ways: 5\n  meta_batch_size: 32\nmeta_learner:\n  name: protonet\n"
+                "trainer:\n  val_check_interval: 500\n" + plumbing)
+    loss = "epoch,step,train/loss\n" + "".join(f"0,{s},{2 / (1 + s / 50) + 0.2 * (s % 3)}\n" for s in range(49, 400, 50))
+    mse = {"metrics": {"test/mse": 0.5, "test/mse_ci95": 0.05}, "steps": 400, "steps_per_second": 20.0}
+    sweep = tmp_path / "mixed"
+    fake_run(sweep / "maml_a", sinusoid.format(lr=0.01, out="a"), {"experiment": "sinusoid"}, loss, mse)
+    fake_run(sweep / "maml_b", sinusoid.format(lr=0.02, out="b"), {"experiment": "sinusoid"}, loss, mse)
+    fake_run(sweep / "proto", omniglot.format(out="c"), {"experiment": "omniglot_5way_protonet"}, loss,
+             {"metrics": {"test/acc": 97.5, "test/acc_ci95": 0.4}, "steps": 400})
+    fake_run(sweep / "refused", sinusoid.format(lr=-1, out="d"), {"experiment": "sinusoid"}, None, None)
+
+    report = build_report(find_runs([sweep]))
+    # group choices first, then keys two runs both set differently; not where files go, not keys one group lacks
+    assert report.keys == ["experiment", "meta_learner.name", "data.name", "data.meta_batch_size", "meta_learner.inner_lr"]
+    assert [r.name for r in report.empty] == ["mixed/refused"]
+    assert all(len(run_label(r, report)) <= LABEL_CHARS + 4 for r in report.runs)
+    assert run_label(report.runs[0], report).startswith("1. sinusoid/maml/sinusoid, meta_batch_size=25, inner_lr=0.01"[:40])
+
+    result = compare(str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    for name in ("curves", "final"):
+        with Image.open(tmp_path / "out" / f"{name}.png") as image:
+            assert image.width >= 1400  # page-wide, not a thumbnail
+    page = tmp_path / "out" / "report.html"
+    dom = render(page)
+    assert 'data-rows="3"' in dom and 'data-images-loaded="2"' in dom and "mixed/refused" in dom
+    assert "logger.csv" not in dom and "paths.output_dir" not in dom and "data.amplitude" not in dom
+
+    shot = tmp_path / "page.png"  # what a reader sees: the page renders to a screenshot with the figures in it
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
+                        "--window-size=1400,2000", f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    with Image.open(shot) as image:
+        assert image.size == (1400, 2000) and len(image.convert("RGB").getcolors(1 << 20) or []) > 200
