@@ -57,7 +57,7 @@ class MAMLConfig(MetaConfig):
     first_order_until: float = fraction(0.0)  # fraction of meta-training run first-order
     adapt: str = choice("all", ADAPT)  # all (MAML) | head: the inner loop adapts the last layer only (ANIL)
     # vmap: a meta-batch's tasks adapt together; loop: one task at a time; auto: vmap, except a per-task loop
-    # for convolutional learners on CPU (measured faster there, README Performance). Same meta-gradient.
+    # for convolutional learners on CPU (measured faster there, docs/performance.md). Same meta-gradient.
     vectorize: str = choice("auto", VECTORIZE)
 
 
