@@ -66,7 +66,12 @@ class Learner:
         shape = tuple(self.spec["input_shape"])
         if isinstance(examples, (Tensor, np.ndarray)) and tuple(examples.shape[1:]) == shape:
             dtype = torch.long if "vocab" in self.spec else torch.float32
-            return torch.as_tensor(examples).to(self.device, dtype)  # already in the training format
+            x = torch.as_tensor(examples)
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+                raise DataError(f"Examples {bad[:10]} hold NaN or infinite values; the learner's answers for them (and, "
+                                f"in a support set, for every query) would be meaningless. Remove or repair them.")
+            return x.to(self.device, dtype)  # already in the training format
         if self.image_size is None:
             raise DataError(
                 f"Expected examples as one array of shape [n, {', '.join(map(str, shape))}] (this learner's input), got "

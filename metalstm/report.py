@@ -14,12 +14,15 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metalstm.errors import DataError
 
@@ -80,7 +83,11 @@ def find_runs(folders: list[Path]) -> list[Run]:
         for config_file in configs:
             run_dir = config_file.parent.parent
             name = str(run_dir.relative_to(folder.parent)) if run_dir != folder else folder.name
-            runs.append(read_run(run_dir, name))
+            try:
+                runs.append(read_run(run_dir, name))
+            except (OSError, ValueError, KeyError, OmegaConfBaseException, yaml.YAMLError) as e:  # one bad folder hides no other
+                print(f"warning: skipping {run_dir}: its files are damaged ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]})", file=sys.stderr)
     if not runs:
         raise DataError(
             f"No runs found in {', '.join(map(str, folders))}: a run folder holds .hydra/config.yaml (train.py writes "
@@ -93,7 +100,7 @@ def read_run(run_dir: Path, name: str) -> Run:
     config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():  # the experiment is a config-group choice, not a config key
-        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices or {}
         config["experiment"] = choices.get("experiment") or "default"
     results_file = run_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else None

@@ -104,6 +104,14 @@ def test_regression_learner_takes_arrays(tmp_path, omniglot_fixture, cache_dir):
     assert torch.allclose(task.predict(episode.query_x[0].numpy()), expected, atol=1e-6)
     with pytest.raises(DataError, match=r"shape \[n, 1\]"):
         task.predict(torch.zeros(4, 3))
+    query = episode.query_x[0].clone()
+    query[2] = float("nan")
+    with pytest.raises(DataError, match=r"Examples \[2\] hold NaN or infinite values"):  # not NaN answers that look real
+        task.predict(query)
+    support = episode.support_x[0].numpy().copy()
+    support[0] = np.inf
+    with pytest.raises(DataError, match=r"Examples \[0\] hold NaN"):
+        load_learner(tmp_path, device="cpu").adapt(support, episode.support_y[0])
 
 
 def test_predict_script_classifies_a_folder_of_pngs(tmp_path, omniglot_fixture, cache_dir):

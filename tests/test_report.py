@@ -205,3 +205,18 @@ def test_mixed_runs_show_only_what_tells_them_apart_with_readable_figures(tmp_pa
                         "--window-size=1400,2000", f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     with Image.open(shot) as image:
         assert image.size == (1400, 2000) and len(image.convert("RGB").getcolors(1 << 20) or []) > 200
+
+
+def test_a_damaged_run_is_skipped_with_a_warning_and_the_others_reported(tmp_path):
+    good = {"metrics": {"test/acc": 50.0, "test/acc_ci95": 2.0}, "steps": 10}
+    for name in ("a", "b", "c", "d"):
+        fake_run(tmp_path / "sweep" / name, f"seed: 1\nmeta_learner:\n  inner_lr: 0.{ord(name)}\n", {}, None, good)
+    (tmp_path / "sweep" / "b" / "results.json").write_text('{"metrics": {"test/acc": 5')  # cut off mid-write
+    (tmp_path / "sweep" / "c" / "csv").mkdir()
+    (tmp_path / "sweep" / "c" / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,x,1.0\n")
+    (tmp_path / "sweep" / "d" / ".hydra" / "config.yaml").write_text("seed: [1\n")
+    result = compare(str(tmp_path / "sweep"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["warning"] * 3
+    assert all(f"sweep/{n}" in result.stderr for n in "bcd")
+    assert [r["run"] for r in rows(tmp_path / "out" / "runs.csv")] == ["sweep/a"]
