@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -57,6 +59,20 @@ def summary_line(summary: dict[str, float]) -> str:
             mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
             parts.append(f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)}")
     return f"{', '.join(parts)} ({n} tasks)" if parts else f"no test metrics ({n} tasks)"
+
+
+def finished(config: dict, step: int) -> bool:
+    """A resumed run that has trained all of trainer.max_steps and been tested: say so and leave its folder as it
+    was (the Hydra files this command wrote beside the first ones are removed)."""
+    output_dir, max_steps = Path(config["paths"]["output_dir"]), int(config["trainer"].get("max_steps") or -1)
+    if not (0 < max_steps <= step and (output_dir / "results.json").is_file()):
+        return False
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir not in (None, ".hydra"):
+        shutil.rmtree(output_dir / HydraConfig.get().output_subdir, ignore_errors=True)
+    print(f"Nothing to do: {output_dir} finished at step {step} (trainer.max_steps={max_steps}) and was tested; "
+          f"its files are unchanged. To train it longer: python train.py resume={output_dir} "
+          f"trainer.max_steps={2 * max_steps}")
+    return True
 
 
 def training_device(accelerator: str) -> torch.device:
@@ -106,6 +122,8 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.set_struct(cfg, False)
     if cfg.get("resume"):
         config, ckpt_path, resume_step = resumed_config(cfg)
+        if finished(config, resume_step):
+            return None
     else:
         cfg.experiment = experiment_name()
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -113,3 +113,14 @@ def test_resume_changes_only_trainer_settings_and_continues_the_wandb_run(tmp_pa
     # both W&B offline runs carry the run's id: `wandb sync` appends the second to the first
     run_ids = {p.name.rsplit("-", 1)[-1] for p in run.glob("wandb/offline-run-*")}
     assert len(list(run.glob("wandb/offline-run-*"))) == 2 and len(run_ids) == 1
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    assert run_script("train.py", "trainer.max_steps=4", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    before = {p: digest(p) for p in run.rglob("*") if p.is_file()}
+    result = run_script("train.py", f"resume={run}", cwd=tmp_path)
+    assert result.returncode == 0 and "Nothing to do" in result.stdout and "trainer.max_steps=8" in result.stdout
+    assert {p: digest(p) for p in run.rglob("*") if p.is_file()} == before  # not one file added or changed
+    longer = run_script("train.py", f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)  # more steps: it trains
+    assert longer.returncode == 0 and json.loads((run / "results.json").read_text())["steps"] == 6
