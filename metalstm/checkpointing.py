@@ -107,6 +107,25 @@ def stop_on_sigint() -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, previous)
 
 
+class StoppedByUser(BaseException):
+    """Ctrl-C outside training (Lightning would catch a KeyboardInterrupt and exit 1 without a word)."""
+
+
+@contextmanager
+def stop_at_once_on_sigint() -> Iterator[None]:
+    """While inside (a test or evaluation, which has nothing to save): Ctrl-C raises StoppedByUser at once."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise StoppedByUser
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------------------ reading them
 
 

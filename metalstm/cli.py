@@ -28,6 +28,7 @@ from metalstm.files import atomic_write
 from metalstm.resume import resumable_run
 
 T = TypeVar("T")
+STARTED = time.time()  # this process's start, near enough: the entry points import this module first
 
 
 def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
@@ -37,7 +38,6 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     trial) as failed instead of the whole sweep exiting."""
     keep_freed_memory()
     quiet_third_parties()
-    started = time.time()
     try:
         return task(cfg)
     except MetalstmError as e:
@@ -46,18 +46,18 @@ def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         if HydraConfig.initialized():
-            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), started, Path(cfg.paths.log_dir))
+            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(cfg.paths.log_dir))
         sys.exit(2)
 
 
-def remove_empty_run(folder: Path, started: float, log_dir: Path) -> None:
+def remove_empty_run(folder: Path, log_dir: Path) -> None:
     """Remove the folder Hydra made for a command that was refused before it produced anything: it holds only
     Hydra's config files and the log, all written by this command. Any other file (a resumed run's checkpoints, a
     folder named by hand) keeps the folder as it is. Date folders left empty below ``log_dir`` go too."""
     hydra_files = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
     files = [p for p in folder.rglob("*") if p.is_file()]
     names = {p.relative_to(folder).as_posix() for p in files}
-    ours = all(p.stat().st_mtime >= started - 60 for p in files)  # Hydra wrote them just before the task started
+    ours = all(p.stat().st_mtime >= STARTED - 1 for p in files)  # Hydra wrote them after this process started
     if ours and names - hydra_files <= {f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
         top = log_dir.resolve()
@@ -86,6 +86,11 @@ def launch(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing and exiting with 1
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C while starting up or reading data (training and tests handle their own)
+        print("\nmetalstm: stopped by Ctrl-C; nothing was written.", file=sys.stderr)
+        if HydraConfig.initialized():
+            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(HydraConfig.get().runtime.cwd) / "outputs")
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as e:
         print(f"\nmetalstm error: {composition_message(e, Path(sys.argv[0]).name)}\n", file=sys.stderr)
         sys.exit(2)

@@ -33,12 +33,14 @@ from metalstm.assembly import (
 from metalstm.checkpointing import (
     AtomicCheckpointIO,
     LastCheckpoint,
+    StoppedByUser,
     find_checkpoint,
     load_checkpoint,
     restore_weights,
+    stop_at_once_on_sigint,
     stop_on_sigint,
 )
-from metalstm.cli import experiment_name
+from metalstm.cli import experiment_name, remove_empty_run
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
 from metalstm.files import write_json
@@ -59,6 +61,20 @@ def summary_line(summary: dict[str, float]) -> str:
             mean, ci = summary[f"test/{metric}"], summary[f"test/{metric}_ci95"]
             parts.append(f"test/{metric} = {fmt.format(mean)} +- {fmt.format(ci)}")
     return f"{', '.join(parts)} ({n} tasks)" if parts else f"no test metrics ({n} tasks)"
+
+
+@contextmanager
+def stopped_test(outcome: str, log_dir: str) -> Iterator[None]:
+    """Ctrl-C during a test stops it at once with exit 130 and no results file (a partial test is no result); a
+    folder left holding only this command's config and log is removed."""
+    try:
+        with stop_at_once_on_sigint():
+            yield
+    except StoppedByUser:
+        print(f"\nmetalstm: stopped by Ctrl-C during the test; no results.json was written ({outcome}).", file=sys.stderr)
+        if HydraConfig.initialized():
+            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(log_dir))
+        sys.exit(128 + signal.SIGINT)
 
 
 def finished(config: dict, step: int) -> bool:
@@ -166,7 +182,8 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     test_started = time.time()
-    with explained_out_of_memory(settings, device, "meta-testing"):
+    stopped = f"training ended at step {trainer.global_step}; test it with: python eval.py run_dir={output_dir}"
+    with stopped_test(stopped, config["paths"]["log_dir"]), explained_out_of_memory(settings, device, "meta-testing"):
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_seconds = time.time() - test_started
     if trainer.global_rank != 0:
@@ -238,7 +255,8 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
     test_started = time.time()
-    with explained_out_of_memory(settings, training_device(cfg.accelerator), "meta-testing"):
+    with stopped_test("nothing was written", cfg.paths.log_dir), \
+            explained_out_of_memory(settings, training_device(cfg.accelerator), "meta-testing"):
         trainer.test(module, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     results = results_record(module, datamodule, config, checkpoint=str(path.resolve()),

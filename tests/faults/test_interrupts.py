@@ -35,3 +35,23 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum, code, w
     resumed = run_script("train.py", f"resume={run}", f"trainer.max_steps={step + 20}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(10 tasks)" in resumed.stdout
+
+
+def test_ctrl_c_during_eval_stops_at_once_with_130_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    assert run_script("train.py", "trainer.max_steps=3", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "data.test_tasks=100000"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("outputs/eval/*/*/eval.log")):
+        time.sleep(0.1)
+    time.sleep(10)  # past the imports, into the test loop (100,000 tasks take minutes)
+    stopped = time.time()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.time() - stopped < 20, err[-3000:]
+    assert "stopped by Ctrl-C during the test; no results.json was written" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("outputs/eval/**/results.json")) and not (tmp_path / "outputs" / "eval").exists()
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files  # the trained run untouched
