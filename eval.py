@@ -7,9 +7,7 @@ from metalstm.cli import launch, run_cli
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from metalstm.jobs import evaluate  # torch and Lightning load once the config has composed
-
-    run_cli(evaluate, cfg)
+    run_cli("metalstm.jobs:evaluate", cfg)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ from metalstm.cli import launch, run_cli
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from metalstm.inference import predict_cli  # torch and Lightning load once the config has composed
-
-    run_cli(predict_cli, cfg)
+    run_cli("metalstm.inference:predict_cli", cfg)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ from metalstm.cli import launch, run_cli
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from metalstm.jobs import train  # torch and Lightning load once the config has composed
-
-    return run_cli(train, cfg)
+    return run_cli("metalstm.jobs:train", cfg)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -31,15 +32,25 @@ T = TypeVar("T")
 STARTED = time.time()  # this process's start, near enough: the entry points import this module first
 
 
-def run_cli(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run ``task``; a MetalstmError becomes one clear message and exit code 2, its traceback goes to the log file.
+def run_cli(task: Callable[[DictConfig], T] | str, cfg: DictConfig) -> T:
+    """Run ``task`` (or ``"module:function"``, imported here: torch and Lightning load once the config has
+    composed); a MetalstmError becomes one clear message and exit code 2, its traceback goes to the log file, and
+    Ctrl-C before training or testing (which handle their own) one line and exit code 130.
 
     In a sweep (``-m``) the error is raised on after the message, so the sweeper records the job (an Optuna
     trial) as failed instead of the whole sweep exiting."""
     keep_freed_memory()
     quiet_third_parties()
     try:
+        if isinstance(task, str):
+            module, name = task.split(":")
+            task = getattr(importlib.import_module(module), name)
         return task(cfg)
+    except KeyboardInterrupt:
+        print("\nmetalstm: stopped by Ctrl-C; nothing was written.", file=sys.stderr)
+        if HydraConfig.initialized():
+            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(cfg.paths.log_dir))
+        sys.exit(130)
     except MetalstmError as e:
         logging.getLogger("metalstm.traceback").error("%s", traceback.format_exc())
         print(f"\nmetalstm error: {e}\n", file=sys.stderr)
@@ -86,10 +97,8 @@ def launch(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing and exiting with 1
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C while starting up or reading data (training and tests handle their own)
+    except KeyboardInterrupt:  # Ctrl-C while Hydra composes (run_cli handles it from then on)
         print("\nmetalstm: stopped by Ctrl-C; nothing was written.", file=sys.stderr)
-        if HydraConfig.initialized():
-            remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(HydraConfig.get().runtime.cwd) / "outputs")
         sys.exit(130)
     except (HydraException, OmegaConfBaseException) as e:
         print(f"\nmetalstm error: {composition_message(e, Path(sys.argv[0]).name)}\n", file=sys.stderr)
