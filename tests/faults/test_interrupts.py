@@ -47,7 +47,7 @@ def test_ctrl_c_during_eval_stops_at_once_with_130_and_writes_nothing(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob("outputs/eval/*/*/eval.log")):
         time.sleep(0.1)
-    time.sleep(10)  # past the imports, into the test loop (100,000 tasks take minutes)
+    time.sleep(7)  # past the imports, into the test loop (100,000 tasks take minutes)
     stopped = time.time()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)

@@ -122,5 +122,3 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
     result = run_script("train.py", f"resume={run}", cwd=tmp_path)
     assert result.returncode == 0 and "Nothing to do" in result.stdout and "trainer.max_steps=8" in result.stdout
     assert {p: digest(p) for p in run.rglob("*") if p.is_file()} == before  # not one file added or changed
-    longer = run_script("train.py", f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)  # more steps: it trains
-    assert longer.returncode == 0 and json.loads((run / "results.json").read_text())["steps"] == 6
