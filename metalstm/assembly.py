@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from metalstm.config import Component, Config, count, from_dict
+from metalstm.config import Component, Config, from_dict, setting
 from metalstm.core import TaskSpec
 from metalstm.data import DATASETS, FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError, MetalstmError
@@ -29,7 +29,7 @@ class RunConfig(Config):
     """The top-level settings of a run that its components read (the default is in train.yaml)."""
 
     group: ClassVar[str] = ""
-    seed: int = count(minimum=0)
+    seed: int = setting(minimum=0, maximum=2**32 - 1)  # numpy's seeds are 32-bit
 
 
 @dataclass

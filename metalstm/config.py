@@ -78,6 +78,10 @@ def _optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def describe(hint: Any, rule: Rule, plural: bool = False) -> str:
     """What a value of ``hint`` under ``rule`` must be, in words."""
     hint, optional = _optional(hint)
@@ -96,12 +100,12 @@ def describe(hint: Any, rule: Rule, plural: bool = False) -> str:
         noun = {int: "whole number", float: "number"}[hint] + s
         if rule.minimum is not None and rule.maximum is not None:
             low = "(" if rule.exclusive else "["
-            text = f"{noun} in {low}{rule.minimum:g}, {rule.maximum:g}]"
+            text = f"{noun} in {low}{number(rule.minimum)}, {number(rule.maximum)}]"
             text = text if plural else f"a {text}"
         elif rule.minimum == 0 and rule.exclusive:
             text = f"positive ({'numbers' if plural else 'a number'} > 0)"
         elif rule.minimum is not None:
-            text = f"{'' if plural else 'a '}{noun} {'>' if rule.exclusive else '>='} {rule.minimum:g}"
+            text = f"{'' if plural else 'a '}{noun} {'>' if rule.exclusive else '>='} {number(rule.minimum)}"
         else:
             text = f"{'' if plural else 'a '}{noun}"
     elif hint is str:

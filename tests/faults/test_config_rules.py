@@ -67,7 +67,8 @@ def test_a_bad_number_is_refused_before_the_data_is_read(group, option, key, kin
         learner = next(n for n, (c, impl) in sorted(BASE_LEARNERS.items()) if impl.refusal(c(), spec) is None)
         base += [f"base_learner={learner}", *(f"data.{k}={v}" for k, v in root.items())]
     zero_allowed = (rule.minimum == 0 and not rule.exclusive) or 0 in (rule.choices or ())
-    bad = ["bogus", -1, *([] if zero_allowed else [0]), *([1.5] if kind is int else [])]
+    above = [] if rule.maximum is None else [rule.maximum * 2 + 1]  # seed: 2**33 - 1, which numpy cannot take
+    bad = ["bogus", -1, *([] if zero_allowed else [0]), *([1.5] if kind is int else []), *above]
     for value in bad:
         code, err = cli("train", [*base, f"{name}={value}"], tmp_path / f"run{value}", capsys)
         assert_one_clear_message(code, err, f"{name}=", "must be")
