@@ -90,8 +90,9 @@ class Learner:
             try:
                 with Image.open(item) as image:
                     return image.copy()
-            except OSError as e:
-                raise DataError(f"Cannot read image {item}: {e}. Pass PNG/JPEG files, PIL images or uint8 arrays.") from e
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # permission, format, too large
+                raise DataError(f"Cannot read image {item}: {type(e).__name__}: {e}. Pass readable PNG/JPEG files, PIL "
+                                f"images or uint8 arrays.") from e
         array = np.asarray(item.cpu() if isinstance(item, Tensor) else item)
         if array.dtype != np.uint8 or array.ndim not in (2, 3):
             raise DataError(f"An image array must be uint8 [H, W] or [H, W, channels], got {array.dtype} {list(array.shape)}.")

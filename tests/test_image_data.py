@@ -62,11 +62,14 @@ def test_image_folder_with_split_folders(tmp_path, cache_dir):
     ("few", ["class_03", "has 4 image(s)", "data.shots"]),
     ("corrupt", ["img_001.jpg", "not a readable image"]),
     ("missing", ["is not a folder"]),
+    ("too large", ["/data/class_0", "is too large to read safely", "Shrink it"]),
 ])
-def test_image_folder_faults_name_the_file_and_the_fix(tmp_path, cache_dir, fault, words):
+def test_image_folder_faults_name_the_file_and_the_fix(tmp_path, cache_dir, fault, words, monkeypatch):
     root = make_image_folder(tmp_path / "data", sizes=[20, 20, 20, 4 if fault == "few" else 20, 20])
     if fault == "corrupt":
         (root / "class_02" / "img_001.jpg").write_bytes(b"\xff\xd8 truncated")
+    if fault == "too large":  # PIL's decompression-bomb guard, its limit lowered so a fixture image trips it
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     cfg = ImageFolderConfig(root=str(root if fault != "missing" else tmp_path / "nope"), image_size=16,
                             cache_dir=str(cache_dir), ways=2)
     with pytest.raises(DataError) as error:

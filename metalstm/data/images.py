@@ -38,8 +38,13 @@ def read_image(path: Path, size: int, invert: bool = False, channels: int = 1) -
     try:
         with Image.open(path) as image:
             return prepare_image(image, size, invert, channels)
-    except OSError as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise DataError(f"{path} is not a readable image ({e}). Replace or remove the file.") from e
+    except PermissionError as e:
+        raise DataError(f"{path} cannot be read: permission denied. Give your user read access (chmod a+r), or "
+                        f"remove the file from the folder.") from e
+    except Image.DecompressionBombError as e:  # PIL refuses images over ~179 megapixels
+        raise DataError(f"{path} is too large to read safely ({e}). Shrink it, or remove it from the folder.") from e
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e}). Replace or remove the file.") from e
 
 
 def stack_classes(per_class: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:

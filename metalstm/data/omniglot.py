@@ -247,8 +247,9 @@ def decode(png: bytes, size: int, invert: bool, where: str) -> np.ndarray:
                 raise DataError(f"{where} is {image.size[0]}x{image.size[1]} pixels; official Omniglot drawings are "
                                 f"105x105. Replace the file with the official download.")
             return prepare_image(image, size, invert)
-    except OSError as e:  # PIL.UnidentifiedImageError and truncated images are OSErrors
-        raise DataError(f"{where} is not a readable PNG ({e}); replace the file with the official download.") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # broken, truncated, a bomb
+        raise DataError(f"{where} is not a readable PNG ({type(e).__name__}: {e}); replace the file with the official "
+                        f"download.") from e
 
 
 # ----------------------------------------------------------------------------------------- cache
