@@ -64,7 +64,11 @@ def run_cli(task: Callable[[DictConfig], T] | str, cfg: DictConfig) -> T:
 def remove_empty_run(folder: Path, log_dir: Path) -> None:
     """Remove the folder Hydra made for a command that was refused before it produced anything: it holds only
     Hydra's config files and the log, all written by this command. Any other file (a resumed run's checkpoints, a
-    folder named by hand) keeps the folder as it is. Date folders left empty below ``log_dir`` go too."""
+    folder named by hand) keeps the folder, less the config files a refused resume wrote beside the first ones.
+    Date folders left empty below ``log_dir`` go too."""
+    subdir = HydraConfig.get().output_subdir
+    if subdir and subdir != ".hydra" and (folder / subdir).is_dir():  # a resume's config files, beside the first ones
+        shutil.rmtree(folder / subdir, ignore_errors=True)
     hydra_files = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
     files = [p for p in folder.rglob("*") if p.is_file()]
     names = {p.relative_to(folder).as_posix() for p in files}

@@ -34,3 +34,38 @@ def write_json(path: str | Path, data: Any) -> None:
     with atomic_write(path) as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+class FolderInUse(Exception):
+    """Another process holds the run folder."""
+
+
+def lock_run(folder: Path, exclusive: bool) -> int | None:
+    """Lock a run folder while a command uses it: exclusively to train it, shared to read it; returns the descriptor
+    to close when done (None where there is no flock, or a reader found the folder training). The lock is the
+    kernel's flock on the folder itself (no file is written), so a killed process never leaves it stuck.
+    FolderInUse if an exclusive lock cannot be had."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if exclusive:
+            raise FolderInUse(str(folder)) from None
+        return None  # a run in training can still be evaluated: its checkpoints are replaced whole
+    return fd
+
+
+@contextmanager
+def run_lock(folder: Path, exclusive: bool) -> Iterator[None]:
+    """``lock_run`` for the duration of a block."""
+    fd = lock_run(folder, exclusive)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

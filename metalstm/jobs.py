@@ -43,7 +43,7 @@ from metalstm.checkpointing import (
 from metalstm.cli import experiment_name, remove_empty_run
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
-from metalstm.files import write_json
+from metalstm.files import FolderInUse, lock_run, run_lock, write_json
 from metalstm.memory import check_batch_fits, is_out_of_memory, out_of_memory
 from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
@@ -147,6 +147,34 @@ def train(cfg: DictConfig) -> float | None:
         refuse_existing_run(Path(config["paths"]["output_dir"]))
     config.setdefault("run_id", uuid.uuid4().hex[:12])  # names the run on dashboards; resume keeps it
     output_dir = Path(config["paths"]["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with owned(output_dir):
+        return fit_and_test(config, ckpt_path, resume_step, started)
+
+
+@contextmanager
+def owned(output_dir: Path) -> Iterator[None]:
+    """One command at a time trains a run folder (DDP's other ranks write into rank 0's)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        yield
+        return
+    try:
+        fd = lock_run(output_dir, exclusive=True)
+    except FolderInUse:
+        raise ConfigError(
+            f"{output_dir} is in use by another metalstm command (training, resuming or evaluating it); two commands "
+            f"on one run folder would write over each other's checkpoints and metrics. Wait until it ends, or stop it "
+            f"(a stopped run continues with resume={output_dir}).") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, started: float) -> float | None:
+    """Meta-train the run of ``config`` (from ``ckpt_path`` when resuming), then test its best checkpoint."""
+    output_dir = Path(config["paths"]["output_dir"])
     settings = parse(config)  # every setting checked, before anything is built or read
     check_accelerator(str(config["trainer"].get("accelerator", "auto")))
     set_matmul_precision(config.get("matmul_precision"))
@@ -237,6 +265,12 @@ def check_test_ways(settings: Settings, trained_spec: dict) -> None:
 def evaluate(cfg: DictConfig) -> dict:
     """Re-evaluate a trained run on its fixed test tasks (optionally with other data/test settings)."""
     path = find_checkpoint(cfg.get("run_dir"), cfg.get("ckpt_path"))
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    with run_lock(run, exclusive=False):  # no resume of this run can start while it is evaluated
+        return evaluate_checkpoint(cfg, path)
+
+
+def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict:
     checkpoint = load_checkpoint(path)
     config = checkpoint["metalstm"]["config"]
     for group in ("data", "meta_learner"):

@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import REPO, fixture_overrides, run_script
 from helpers import assert_one_clear_message, cli, snapshot
 from metalstm.checkpointing import AtomicCheckpointIO
 from metalstm.errors import CheckpointError
+from metalstm.files import lock_run, run_lock
 from test_train_eval import run_dir_of
 
 SHORT = ["trainer.max_steps=6", "trainer.val_check_interval=3", "callbacks.last_checkpoint.every_n_steps=1",
@@ -168,3 +170,28 @@ def test_a_checkpoint_that_is_not_ours_says_what_it_is(content, words, tmp_path,
 def test_eval_of_a_folder_without_checkpoints(tmp_path, capsys):
     code, err = cli("eval", [f"run_dir={tmp_path}"], tmp_path / "eval", capsys)
     assert_one_clear_message(code, err, "No checkpoint", "best.ckpt", "run_dir")
+
+
+def test_one_command_at_a_time_trains_a_run_folder_and_a_killed_one_frees_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    training = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run}", "trainer.max_steps=100000",
+                                 "callbacks.last_checkpoint.every_n_steps=5"], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "checkpoints" / "last.ckpt").is_file():
+            time.sleep(0.1)
+        before = snapshot(run / "checkpoints")
+        code, err = cli("train", [f"resume={run}"], run, capsys)  # a second command on the same folder
+        assert_one_clear_message(code, err, f"{run} is in use by another metalstm command", f"resume={run}")
+    finally:
+        training.kill()  # SIGKILL: no chance to unlock
+        training.wait()
+    assert set(snapshot(run / "checkpoints")) == set(before)
+    with run_lock(run, exclusive=False):  # the kernel freed the killed process's lock; an eval reads the run
+        resumed = run_script("train.py", f"resume={run}", cwd=tmp_path)  # and a resume must wait for it
+    assert_one_clear_message(resumed.returncode, resumed.stderr, "is in use")
+    fd = lock_run(run, exclusive=True)
+    assert fd is not None
+    os.close(fd)
