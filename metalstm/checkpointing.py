@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,9 +156,12 @@ def find_checkpoint(run_dir: str | None, ckpt_path: str | None) -> Path:
 def load_checkpoint(path: Path) -> dict:
     """A metalstm checkpoint, loaded without unpickling code (weights_only), its weights in today's names."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}).") from e
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else f"{type(e).__name__}: empty or cut off"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}).") from e
     meta = checkpoint.get("metalstm") if isinstance(checkpoint, dict) else None
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"{path} is not a metalstm checkpoint (it has no 'metalstm' section with the run's config).")

@@ -75,7 +75,7 @@ class Learner:
         if self.image_size is None:
             raise DataError(
                 f"Expected examples as one array of shape [n, {', '.join(map(str, shape))}] (this learner's input), got "
-                f"{type(examples).__name__} of shape {list(getattr(examples, 'shape', [len(examples)]))}."
+                f"{type(examples).__name__} of shape {list(np.shape(examples)) if not isinstance(examples, str) else []}."
             )
         channels = shape[0] if shape[0] in (1, 3) else 1
         pixels = [prepare_image(self.to_image(item), self.image_size, self.invert, channels) for item in examples]

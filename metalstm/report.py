@@ -103,7 +103,9 @@ def read_run(run_dir: Path, name: str) -> Run:
         choices = OmegaConf.load(hydra_file).hydra.runtime.choices or {}
         config["experiment"] = choices.get("experiment") or "default"
     results_file = run_dir / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    results = json.loads(results_file.read_text()) if results_file.exists() else None  # a folder there: OSError
+    if results is not None and not isinstance(results, dict):
+        raise ValueError(f"results.json holds a {type(results).__name__}, not the results object train.py writes")
     return Run(run_dir, name, flatten(config), results, read_curves(run_dir / "csv" / "metrics.csv"))
 
 

@@ -209,3 +209,12 @@ def central_differences(loss: Callable[[], torch.Tensor], params: list[torch.Ten
                 p.view(-1)[i] += eps
             numeric.append((up - down) / (2 * eps))
     return torch.tensor(numeric, dtype=torch.float64)
+
+
+def pytest_report_header(config) -> str:
+    """The size of the fault matrix (tests/faults/test_matrix.py and, for train, test_config_rules.py)."""
+    sys.path.insert(0, str(Path(__file__).parent / "faults"))
+    from test_config_rules import KEYS
+    from test_matrix import matrix_size
+
+    return f"fault matrix: {matrix_size()}; and train x every numeric setting: {len(KEYS)} cases (test_config_rules)"

@@ -1,0 +1,278 @@
+"""The fault matrix: each entry point crossed with the classes of fault it can meet. Every cell asserts the promised
+outcome: one named message (exit code 2 for commands, a DataError for the API), no traceback, and every file that
+existed before byte-identical. Its size is printed in the session header (tests/faults/conftest.py)."""
+from __future__ import annotations
+
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NamedTuple, get_type_hints
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import run_script
+from helpers import assert_one_clear_message, cli, snapshot
+from metalstm.config import _optional, rule_of
+from metalstm.data import DATASETS
+from metalstm.errors import MetalstmError
+from metalstm.inference import load_learner, predict_cli
+from metalstm.meta import META_LEARNERS
+from metalstm.report import write_report
+
+
+class Cell(NamedTuple):
+    entry: str  # train, eval, predict, resume, compare_runs, api
+    fault: str  # the class of fault
+    case: str
+    check: Callable[[Path, Path, Any], None]  # (trained run, scratch folder, capsys)
+
+
+CELLS: list[Cell] = []
+
+
+def cell(entry: str, fault: str, case: str) -> Callable:
+    def register(check: Callable) -> Callable:
+        CELLS.append(Cell(entry, fault, case, check))
+        return check
+    return register
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished sinusoid MAML run (a few steps): what eval, resume, predict and the API read."""
+    home = tmp_path_factory.mktemp("trained")
+    result = run_script("train.py", "trainer.max_steps=3", "data.val_tasks=10", "data.test_tasks=10",
+                        f"hydra.run.dir={home / 'run'}", cwd=home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return home / "run"
+
+
+def unchanged(run: Path, action: Callable[[], Any]) -> Any:
+    """Run ``action``; the trained run's files must be byte-identical afterwards."""
+    before = snapshot(run)
+    outcome = action()
+    assert snapshot(run) == before
+    return outcome
+
+
+# ----------------------------------------------------------------------- eval: values of the run's own groups
+
+
+def bad_values(hint: Any, rule: Any) -> list[Any]:
+    """Values a setting of type ``hint`` under ``rule`` must refuse: a wrong type, and one out of range."""
+    hint, _ = _optional(hint)
+    if hint in (int, float):
+        return ["bogus", -1] if rule.minimum is not None and rule.minimum >= 0 else ["bogus"]
+    if hint is bool:
+        return ["bogus", 7]
+    if rule.choices is not None and hint is str:
+        return ["bogus", 3]
+    if getattr(hint, "__origin__", None) in (list, tuple):
+        return ["bogus"]
+    return []
+
+
+def group_cells(group: str, config_class: type) -> None:
+    hints = get_type_hints(config_class)
+    for f in fields(config_class):
+        if f.name in ("root", "cache_dir", "download", "name") or f.name.startswith("_"):
+            continue  # where data lives may change at evaluation; the name picks the group
+        for value in bad_values(hints[f.name], rule_of(f)):
+            key = f"{group}.{f.name}"
+
+            def check(run: Path, scratch: Path, capsys: Any, key: str = key, value: Any = value) -> None:
+                code, err = unchanged(run, lambda: cli("eval", [f"run_dir={run}", f"++{key}={value}"], scratch, capsys))
+                assert_one_clear_message(code, err, f"{key}=")
+            CELLS.append(Cell("eval", "wrong-type or out-of-range value", f"{key}={value}", check))
+
+
+group_cells("data", DATASETS["sinusoid"].config)
+group_cells("meta_learner", META_LEARNERS["maml"].config)
+
+
+# ----------------------------------------------------------------------- eval and resume: checkpoint files
+
+
+def damaged_checkpoint(kind: str, run: Path, scratch: Path) -> Path:
+    """A copy of the trained run whose last.ckpt is damaged in one way."""
+    copy = scratch / "copy"
+    shutil.copytree(run, copy)
+    ckpt = copy / "checkpoints" / "last.ckpt"
+    (copy / "checkpoints" / "best.ckpt").unlink(missing_ok=True)
+    data = ckpt.read_bytes()
+    if kind == "truncated":
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        ckpt.write_bytes(b"")
+    elif kind == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all" * 100)
+    elif kind == "foreign":  # a torch file of something else
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
+    elif kind == "hostile":  # a pickle that would run code when loaded without weights_only
+        ckpt.write_bytes(pickle.dumps(Exploit()))
+    return copy
+
+
+class Exploit:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent-metalstm-target",))
+
+
+for kind in ("truncated", "empty", "garbage", "foreign", "hostile"):
+    for entry in ("eval", "resume"):
+        def check(run: Path, scratch: Path, capsys: Any, kind: str = kind, entry: str = entry) -> None:
+            copy = damaged_checkpoint(kind, run, scratch)
+            before = snapshot(copy)
+            if entry == "eval":
+                code, err = cli("eval", [f"run_dir={copy}"], scratch / "out", capsys)
+            else:
+                code, err = cli("train", [f"resume={copy}"], copy, capsys)
+            assert_one_clear_message(code, err, "last.ckpt")
+            assert snapshot(copy) == before
+        CELLS.append(Cell(entry, "missing, corrupt or hostile file", f"{kind} checkpoint", check))
+
+for entry, args, words in (("eval", ["run_dir={scratch}/nowhere"], "No checkpoint"),
+                           ("eval", ["ckpt_path={scratch}/none.ckpt"], "does not exist"),
+                           ("resume", ["resume={scratch}/nowhere"], "is not a run folder"),
+                           ("resume", ["resume={scratch}/empty_run"], "no checkpoints/last.ckpt")):
+    def check(run: Path, scratch: Path, capsys: Any, entry: str = entry, args: list = args, words: str = words) -> None:
+        (scratch / "empty_run" / "checkpoints").mkdir(parents=True)
+        script = "eval" if entry == "eval" else "train"
+        code, err = cli(script, [a.format(scratch=scratch) for a in args], scratch / "out", capsys)
+        assert_one_clear_message(code, err, words)
+    CELLS.append(Cell(entry, "missing, corrupt or hostile file", " ".join(args), check))
+
+
+# ----------------------------------------------------------------------- the API: what adapt/predict are given
+
+
+def api_inputs(kind: str) -> tuple[Any, Any, Any, str]:
+    """(support x, support labels, query x, words of the message) for a sinusoid learner ([n, 1] inputs)."""
+    x, y, q = np.linspace(-1, 1, 10)[:, None], np.sin(np.linspace(-1, 1, 10))[:, None], np.zeros((4, 1))
+    cases = {
+        "nan query": (x, y, np.full((4, 1), np.nan), "NaN or infinite"),
+        "inf support": (np.where(x > 0.5, np.inf, x), y, q, "NaN or infinite"),
+        "wrong shape": (x, y, np.zeros((4, 3)), "shape [n, 1]"),
+        "1-d array": (x, y, np.zeros(4), "shape [n, 1]"),
+        "text": (x, y, ["a", "b"], "shape [n, 1]"),
+        "scalar": (x, y, 3.0, "shape [n, 1]"),
+        "a file path": (x, y, "query.png", "shape [n, 1]"),
+        "nested lists": (x, y, [[1.0, 2.0]], "shape [n, 1]"),
+    }
+    return cases[kind]
+
+
+for kind in ("nan query", "inf support", "wrong shape", "1-d array", "text", "scalar", "a file path", "nested lists"):
+    def check(run: Path, scratch: Path, capsys: Any, kind: str = kind) -> None:
+        x, y, q, words = api_inputs(kind)
+        learner = unchanged(run, lambda: load_learner(run, device="cpu"))
+        with pytest.raises(MetalstmError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            learner.adapt(x, y).predict(q)
+    CELLS.append(Cell("api", "non-finite or wrong-shaped input", kind, check))
+
+for target, words in (("nowhere", "does not exist"), ("a_file.txt", "is not a metalstm checkpoint|not a readable")):
+    def check(run: Path, scratch: Path, capsys: Any, target: str = target, words: str = words) -> None:
+        (scratch / "a_file.txt").write_text("hello")
+        with pytest.raises(MetalstmError, match=words):
+            load_learner(scratch / target, device="cpu")
+    CELLS.append(Cell("api", "missing, corrupt or hostile file", f"load_learner({target})", check))
+
+
+# ----------------------------------------------------------------------- predict.py: the folders it reads
+
+
+def image_run(scratch: Path) -> None:
+    """support/ with two classes of PNGs and query/ with PNGs, as predict.py reads them."""
+    for name in ("a", "b"):
+        (scratch / "support" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(scratch / "support" / name / "0.png")
+    (scratch / "query").mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(scratch / "query" / "q.png")
+
+
+for case, prepare, words in (
+        ("no support folder", lambda s: shutil.rmtree(s / "support"), "is not a folder"),
+        ("no query folder", lambda s: shutil.rmtree(s / "query"), "is not a folder"),
+        ("support without classes", lambda s: [shutil.rmtree(p) for p in (s / "support").iterdir()], "no class sub-folders"),
+        ("empty query", lambda s: (s / "query" / "q.png").unlink(), "holds no images"),
+        ("no run", None, "run_dir")):
+    def check(run: Path, scratch: Path, capsys: Any, prepare: Any = prepare, words: str = words) -> None:
+        image_run(scratch)
+        if prepare is not None:
+            prepare(scratch)
+        target = run if prepare is not None else scratch / "nowhere"
+        with pytest.raises(MetalstmError, match=words):
+            predict_cli(OmegaConf.create({"run_dir": str(target), "ckpt_path": None, "device": "cpu",
+                                          "support": str(scratch / "support"), "query": str(scratch / "query"),
+                                          "paths": {"output_dir": str(scratch / "out")}}))
+    CELLS.append(Cell("predict", "missing, corrupt or hostile file", case, check))
+
+
+# ----------------------------------------------------------------------- compare_runs: damaged run folders
+
+
+def damage(run: Path, how: str) -> None:
+    if how == "truncated results":
+        (run / "results.json").write_text('{"metrics": {"test/mse": 0.')
+    elif how == "results not an object":
+        (run / "results.json").write_text("[1, 2]")
+    elif how == "metrics not numbers":
+        (run / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,zero,one\n")
+    elif how == "broken config":
+        (run / ".hydra" / "config.yaml").write_text("seed: [1\n")
+    elif how == "broken hydra record":
+        (run / ".hydra" / "hydra.yaml").write_text("hydra: {runtime: [\n")
+    elif how == "unreadable results (a folder)":
+        (run / "results.json").unlink()
+        (run / "results.json").mkdir()
+
+
+for how in ("truncated results", "results not an object", "metrics not numbers", "broken config", "broken hydra record",
+            "unreadable results (a folder)"):
+    def check(run: Path, scratch: Path, capsys: Any, how: str = how) -> None:
+        for name in ("good", "bad"):
+            shutil.copytree(run, scratch / "sweep" / name)
+        damage(scratch / "sweep" / "bad", how)
+        before = snapshot(scratch / "sweep")
+        written = write_report([scratch / "sweep"], scratch / "report")
+        err = capsys.readouterr().err
+        assert "warning: skipping" in err and "sweep/bad" in err and "Traceback" not in err, err
+        assert "runs" in written and snapshot(scratch / "sweep") == before
+        assert "sweep/good" in (scratch / "report" / "runs.md").read_text()
+    CELLS.append(Cell("compare_runs", "missing, corrupt or hostile file", how, check))
+
+
+# ----------------------------------------------------------------------- train: resources it does not have
+
+
+for case, overrides, words in (
+        ("a GPU that is not there", ["trainer=gpu"], "asks for a GPU"),
+        ("inputs larger than memory", ["data=omniglot", "base_learner=conv4", "data.image_size=5000", "data.root=/x"],
+         "GiB for the inputs alone")):
+    def check(run: Path, scratch: Path, capsys: Any, overrides: list = overrides, words: str = words) -> None:
+        if "trainer=gpu" in overrides and torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        code, err = cli("train", overrides, scratch / "run", capsys)
+        assert_one_clear_message(code, err, words)
+    CELLS.append(Cell("train", "resources the machine does not have", case, check))
+
+
+@pytest.mark.parametrize("entry, fault, case, check", CELLS, ids=[f"{c.entry}-{c.case}" for c in CELLS])
+def test_fault_matrix(entry, fault, case, check, trained, tmp_path, capsys):
+    check(trained, tmp_path, capsys)
+
+
+def matrix_size() -> str:
+    entries, faults = {c.entry for c in CELLS}, {c.fault for c in CELLS}
+    return f"{len(entries)} entry points x {len(faults)} fault classes, {len(CELLS)} cases"
+
+
+def test_every_entry_point_is_in_the_matrix():
+    assert {c.entry for c in CELLS} == {"train", "eval", "resume", "predict", "compare_runs", "api"}
+    assert len(CELLS) >= 80
