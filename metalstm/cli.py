@@ -107,6 +107,13 @@ def launch(main: Callable[[], Any]) -> None:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"\nmetalstm error: {composition_message(e, Path(sys.argv[0]).name)}\n", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # Hydra makes the run folder before anything of ours runs
+        if not e.filename:
+            raise
+        print(f"\nmetalstm error: cannot create or write {e.filename} ({e.strerror}). The run folder must be somewhere "
+              f"you can write: set hydra.run.dir=<folder>, or paths.log_dir=<folder> for the folder of all runs.\n",
+              file=sys.stderr)
+        sys.exit(2)
     except MetalstmError:  # a multirun job's error, already reported by run_cli
         sys.exit(2)
 

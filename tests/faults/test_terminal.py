@@ -58,6 +58,9 @@ def test_a_command_line_hydra_cannot_compose_is_one_paragraph_and_exit_2(tmp_pat
         result = run_script("train.py", override, cwd=tmp_path)
         assert_one_clear_message(result.returncode, result.stderr, *words)
     assert not run_folders(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")  # a run folder that cannot be made
+    result = run_script("train.py", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}", cwd=tmp_path)
+    assert_one_clear_message(result.returncode, result.stderr, "cannot create or write", "hydra.run.dir=")
 
 
 def test_a_refused_command_leaves_no_run_folder(tmp_path):
