@@ -158,8 +158,8 @@ def register_config_groups(cache: Path = Path.home() / ".cache" / "metalstm") ->
             cache.mkdir(parents=True, exist_ok=True)
             with atomic_write(path, "w") as f:
                 json.dump(stored, f)
-            for old in cache.glob("config_groups-*.json"):  # of earlier source versions
-                if old != path:
+            for old in cache.glob("config_groups-*.json"):  # of source versions unused for a week
+                if old != path and time.time() - old.stat().st_mtime > 7 * 86400:
                     old.unlink(missing_ok=True)
         except OSError:  # a read-only home: composing just stays slower
             pass
