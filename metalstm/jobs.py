@@ -65,16 +65,17 @@ def summary_line(summary: dict[str, float]) -> str:
 
 @contextmanager
 def stopped_test(outcome: str, log_dir: str) -> Iterator[None]:
-    """Ctrl-C during a test stops it at once with exit 130 and no results file (a partial test is no result); a
-    folder left holding only this command's config and log is removed."""
+    """Ctrl-C or SIGTERM during a test stops it with exit 130 or 143 and no results file (a partial test is no
+    result); a folder left holding only this command's config and log is removed."""
     try:
         with stop_at_once_on_sigint():
             yield
-    except StoppedByUser:
-        print(f"\nmetalstm: stopped by Ctrl-C during the test; no results.json was written ({outcome}).", file=sys.stderr)
+    except (StoppedByUser, SIGTERMException) as e:  # Lightning's SIGTERMException is a SystemExit with code 0
+        name, signum = ("Ctrl-C", signal.SIGINT) if isinstance(e, StoppedByUser) else ("SIGTERM", signal.SIGTERM)
+        print(f"\nmetalstm: stopped by {name} during the test; no results.json was written ({outcome}).", file=sys.stderr)
         if HydraConfig.initialized():
             remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(log_dir))
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + signum)
 
 
 def finished(config: dict, step: int) -> bool:

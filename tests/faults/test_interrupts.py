@@ -37,7 +37,8 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum, code, w
     assert "(10 tasks)" in resumed.stdout
 
 
-def test_ctrl_c_during_eval_stops_at_once_with_130_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("signum, code, words", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_during_eval_stops_it_and_writes_nothing(tmp_path, signum, code, words):
     run = tmp_path / "run"
     assert run_script("train.py", "trainer.max_steps=3", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
@@ -49,9 +50,9 @@ def test_ctrl_c_during_eval_stops_at_once_with_130_and_writes_nothing(tmp_path):
         time.sleep(0.1)
     time.sleep(7)  # past the imports, into the test loop (100,000 tasks take minutes)
     stopped = time.time()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and time.time() - stopped < 20, err[-3000:]
-    assert "stopped by Ctrl-C during the test; no results.json was written" in err and "Traceback" not in err
+    assert process.returncode == code and time.time() - stopped < 20, err[-3000:]
+    assert f"stopped by {words} during the test; no results.json was written" in err and "Traceback" not in err
     assert not list(tmp_path.glob("outputs/eval/**/results.json")) and not (tmp_path / "outputs" / "eval").exists()
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files  # the trained run untouched
