@@ -42,7 +42,7 @@ def refuse_existing_run(output_dir: Path) -> None:
         )
 
 
-def resumed_config(cfg: DictConfig) -> tuple[dict, Path, int]:
+def resumed_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict, Path, int]:
     """``resume=<run folder or checkpoint>``: the run's own config (from its checkpoint), the checkpoint and
     its step. Command-line overrides may change only the keys in RESUMABLE (e.g. a larger trainer.max_steps)."""
     target = resume_target(cfg.resume)
@@ -70,7 +70,8 @@ def resumed_config(cfg: DictConfig) -> tuple[dict, Path, int]:
     config = checkpoint["metalstm"]["config"]
     old_dir, new_dir = config["paths"]["output_dir"], str(Path(cfg.paths.output_dir))
     config = relocate(config, old_dir, new_dir)  # the folder may have moved since
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    if overrides is None:  # the command line's
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume":

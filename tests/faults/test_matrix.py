@@ -20,10 +20,13 @@ from conftest import run_script
 from helpers import assert_one_clear_message, cli, snapshot
 from metalstm.config import _optional, rule_of
 from metalstm.data import DATASETS
-from metalstm.errors import MetalstmError
+from metalstm.errors import ConfigError, MetalstmError
 from metalstm.inference import load_learner, predict_cli
+from metalstm.learners import BASE_LEARNERS
 from metalstm.meta import META_LEARNERS
+from metalstm.module import OptimConfig
 from metalstm.report import write_report
+from metalstm.resume import resumed_config
 
 
 class Cell(NamedTuple):
@@ -94,6 +97,28 @@ def group_cells(group: str, config_class: type) -> None:
 
 group_cells("data", DATASETS["sinusoid"].config)
 group_cells("meta_learner", META_LEARNERS["maml"].config)
+
+
+# ----------------------------------------------------------------------- resume: what it may not change
+
+
+def resume_cells() -> None:
+    """Every setting of the trained run's groups, and the logging and checkpoint plumbing: a resumed run keeps its
+    config, so changing one is refused (only trainer.*, data.root and data.cache_dir may change)."""
+    keys = [f"{group}.{f.name}" for group, config_class in (
+        ("data", DATASETS["sinusoid"].config), ("base_learner", BASE_LEARNERS["mlp"].config),
+        ("meta_learner", META_LEARNERS["maml"].config), ("optim", OptimConfig)) for f in fields(config_class)
+        if f.name not in ("root", "cache_dir")]
+    keys += ["seed", "matmul_precision", "callbacks.last_checkpoint.every_n_steps", "logger.csv.name"]
+    for key in keys:
+        def check(run: Path, scratch: Path, capsys: Any, key: str = key) -> None:
+            cfg = OmegaConf.create({"resume": str(run), "paths": {"output_dir": str(run)}})
+            with pytest.raises(ConfigError, match=f"'{key}=1' cannot apply.*trainer.max_steps"):
+                unchanged(run, lambda: resumed_config(cfg, overrides=[f"{key}=1"]))
+        CELLS.append(Cell("resume", "a setting resume cannot change", key, check))
+
+
+resume_cells()
 
 
 # ----------------------------------------------------------------------- eval and resume: checkpoint files
