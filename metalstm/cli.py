@@ -66,9 +66,7 @@ def remove_empty_run(folder: Path, log_dir: Path) -> None:
     Hydra's config files and the log, all written by this command. Any other file (a resumed run's checkpoints, a
     folder named by hand) keeps the folder, less the config files a refused resume wrote beside the first ones.
     Date folders left empty below ``log_dir`` go too."""
-    subdir = HydraConfig.get().output_subdir
-    if subdir and subdir != ".hydra" and (folder / subdir).is_dir():  # a resume's config files, beside the first ones
-        shutil.rmtree(folder / subdir, ignore_errors=True)
+    remove_resume_config(folder)
     hydra_files = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
     files = [p for p in folder.rglob("*") if p.is_file()]
     names = {p.relative_to(folder).as_posix() for p in files}
@@ -80,6 +78,13 @@ def remove_empty_run(folder: Path, log_dir: Path) -> None:
             if parent == top or top not in parent.parents or any(parent.iterdir()):
                 break
             parent.rmdir()
+
+
+def remove_resume_config(folder: Path) -> None:
+    """Remove the config files Hydra wrote for this command beside a resumed run's first ones (``.hydra/<stamp>``)."""
+    subdir = HydraConfig.get().output_subdir
+    if subdir and subdir != ".hydra" and (folder / subdir).is_dir():
+        shutil.rmtree(folder / subdir, ignore_errors=True)
 
 
 def quiet_third_parties() -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from metalstm.assembly import build_module, parse
 from metalstm.checkpointing import find_checkpoint, load_checkpoint, restore_weights
 from metalstm.core import EpisodeBatch
-from metalstm.data.images import IMAGE_SUFFIXES, image_files, prepare_image
+from metalstm.data.images import IMAGE_SUFFIXES, UNREADABLE, image_files, prepare_image
 from metalstm.errors import CheckpointError, ConfigError, DataError
 from metalstm.module import MetaLearningModule
 
@@ -90,7 +90,7 @@ class Learner:
             try:
                 with Image.open(item) as image:
                     return image.copy()
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # permission, format, too large
+            except UNREADABLE as e:
                 raise DataError(f"Cannot read image {item}: {type(e).__name__}: {e}. Pass readable PNG/JPEG files, PIL "
                                 f"images or uint8 arrays.") from e
         array = np.asarray(item.cpu() if isinstance(item, Tensor) else item)

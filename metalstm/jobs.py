@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -40,10 +39,10 @@ from metalstm.checkpointing import (
     stop_at_once_on_sigint,
     stop_on_sigint,
 )
-from metalstm.cli import experiment_name, remove_empty_run
+from metalstm.cli import experiment_name, remove_empty_run, remove_resume_config
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
-from metalstm.files import FolderInUse, lock_run, run_lock, write_json
+from metalstm.files import FolderInUse, run_lock, write_json
 from metalstm.memory import check_batch_fits, is_out_of_memory, out_of_memory
 from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
@@ -84,8 +83,8 @@ def finished(config: dict, step: int) -> bool:
     output_dir, max_steps = Path(config["paths"]["output_dir"]), int(config["trainer"].get("max_steps") or -1)
     if not (0 < max_steps <= step and (output_dir / "results.json").is_file()):
         return False
-    if HydraConfig.initialized() and HydraConfig.get().output_subdir not in (None, ".hydra"):
-        shutil.rmtree(output_dir / HydraConfig.get().output_subdir, ignore_errors=True)
+    if HydraConfig.initialized():
+        remove_resume_config(output_dir)
     print(f"Nothing to do: {output_dir} finished at step {step} (trainer.max_steps={max_steps}) and was tested; "
           f"its files are unchanged. To train it longer: python train.py resume={output_dir} "
           f"trainer.max_steps={2 * max_steps}")
@@ -160,17 +159,13 @@ def owned(output_dir: Path) -> Iterator[None]:
         yield
         return
     try:
-        fd = lock_run(output_dir, exclusive=True)
-    except FolderInUse:
+        with run_lock(output_dir, exclusive=True):
+            yield
+    except FolderInUse:  # raised only by taking the lock
         raise ConfigError(
             f"{output_dir} is in use by another metalstm command (training, resuming or evaluating it); two commands "
             f"on one run folder would write over each other's checkpoints and metrics. Wait until it ends, or stop it "
             f"(a stopped run continues with resume={output_dir}).") from None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, started: float) -> float | None:

@@ -74,15 +74,18 @@ def wandb_mode_offline() -> bool:
     return False
 
 
+def wandb_host() -> str | None:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+
+
 def wandb_has_login() -> bool:
     """Whether W&B finds credentials: WANDB_API_KEY, an identity token file, or the host's entry in the netrc file
     (which `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return netrc.netrc(path).authenticators(host) is not None
+        return netrc.netrc(path).authenticators(wandb_host()) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -96,7 +99,7 @@ class WandbLogger(LightningWandbLogger):
         if not offline and not wandb_mode_offline() and not wandb_has_login():
             raise ConfigError(
                 "logger=wandb logs to the W&B server, but no W&B login was found (no WANDB_API_KEY, no entry for "
-                f"{urlparse(os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')).hostname} in ~/.netrc). Log "
+                f"{wandb_host()} in ~/.netrc). Log "
                 "in once with `wandb login`, or log without an account: WANDB_MODE=offline python train.py "
                 "logger=wandb ... (or logger.wandb.offline=true), and upload later with `wandb sync "
                 "<run folder>/wandb/offline-run-*`.")

@@ -33,6 +33,11 @@ def prepare_image(image: Image.Image, size: int, invert: bool = False, channels:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
+# what PIL raises for a file it cannot read: broken or truncated (OSError, incl. UnidentifiedImageError; some
+# decoders raise ValueError or SyntaxError), or over its size guard (DecompressionBombError, ~179 megapixels)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def read_image(path: Path, size: int, invert: bool = False, channels: int = 1) -> np.ndarray:
     """An image file -> uint8 [channels, size, size]; an unreadable file is a DataError naming it."""
     try:
@@ -43,7 +48,7 @@ def read_image(path: Path, size: int, invert: bool = False, channels: int = 1) -
                         f"remove the file from the folder.") from e
     except Image.DecompressionBombError as e:  # PIL refuses images over ~179 megapixels
         raise DataError(f"{path} is too large to read safely ({e}). Shrink it, or remove it from the folder.") from e
-    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError and truncated files are OSErrors
+    except UNREADABLE as e:
         raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e}). Replace or remove the file.") from e
 
 

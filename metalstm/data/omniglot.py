@@ -27,7 +27,7 @@ from PIL import Image
 from metalstm.config import choice, count, setting
 from metalstm.core import SPLITS, TaskSpec
 from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec
-from metalstm.data.images import cache_folders, cached, prepare_image
+from metalstm.data.images import UNREADABLE, cache_folders, cached, prepare_image
 from metalstm.errors import DataError
 from metalstm.files import atomic_write
 
@@ -247,7 +247,7 @@ def decode(png: bytes, size: int, invert: bool, where: str) -> np.ndarray:
                 raise DataError(f"{where} is {image.size[0]}x{image.size[1]} pixels; official Omniglot drawings are "
                                 f"105x105. Replace the file with the official download.")
             return prepare_image(image, size, invert)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # broken, truncated, a bomb
+    except UNREADABLE as e:
         raise DataError(f"{where} is not a readable PNG ({type(e).__name__}: {e}); replace the file with the official "
                         f"download.") from e
 
