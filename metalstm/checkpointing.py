@@ -112,19 +112,46 @@ class StoppedByUser(BaseException):
     """Ctrl-C outside training (Lightning would catch a KeyboardInterrupt and exit 1 without a word)."""
 
 
-@contextmanager
-def stop_at_once_on_sigint() -> Iterator[None]:
-    """While inside (a test or evaluation, which has nothing to save): Ctrl-C raises StoppedByUser at once."""
-    previous = signal.getsignal(signal.SIGINT)
+class StopTestOnSigint(pl.Callback):
+    """While ``watching()``: the first Ctrl-C stops a test before its next batch of tasks, a second at once; both
+    raise StoppedByUser. (A KeyboardInterrupt raised by the signal handler itself can land inside torch.func.vmap,
+    whose unwound transform stack then makes Lightning's teardown fail: the first one waits for a safe point.)"""
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise StoppedByUser
+    def __init__(self) -> None:
+        self.received: list[int] = []
 
-    signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield
-    finally:
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        previous = signal.getsignal(signal.SIGINT)
+
+        def second_interrupt(signum: int, frame: Any) -> None:
+            self.received.append(signum)
+            raise StoppedByUser
+
+        def first_interrupt(signum: int, frame: Any) -> None:
+            self.received.append(signum)
+            print("\nCtrl-C: stopping the test after this batch of tasks (Ctrl-C again to stop at once)",
+                  file=sys.stderr)
+            signal.signal(signal.SIGINT, second_interrupt)
+
+        signal.signal(signal.SIGINT, first_interrupt)
+        try:
+            yield
+        except BaseException:
+            # once stopping, a further Ctrl-C would only break the clean exit (a traceback from an atexit hook)
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.received else previous)
+            raise
         signal.signal(signal.SIGINT, previous)
+
+    def stop_if_asked(self) -> None:
+        if self.received:
+            raise StoppedByUser
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.stop_if_asked()
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop_if_asked()
 
 
 # ------------------------------------------------------------------------------------------ reading them

@@ -60,11 +60,23 @@ def lock_run(folder: Path, exclusive: bool) -> int | None:
     return fd
 
 
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Remove the temporary files ``atomic_write`` left in ``folder`` and its ``checkpoints/`` when a process was
+    killed mid-write (SIGKILL, the OOM killer). Only call it holding the folder's exclusive lock: then no writer is
+    alive. Returns what was removed."""
+    partial = [p for d in (folder, folder / "checkpoints") for p in d.glob(".*.tmp") if p.is_file()]
+    for p in partial:
+        p.unlink()
+    return partial
+
+
 @contextmanager
 def run_lock(folder: Path, exclusive: bool) -> Iterator[None]:
-    """``lock_run`` for the duration of a block."""
+    """``lock_run`` for the duration of a block; an exclusive lock first removes a killed writer's partial files."""
     fd = lock_run(folder, exclusive)
     try:
+        if exclusive and fd is not None:
+            remove_partial_writes(folder)
         yield
     finally:
         if fd is not None:

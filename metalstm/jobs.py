@@ -32,11 +32,11 @@ from metalstm.assembly import (
 from metalstm.checkpointing import (
     AtomicCheckpointIO,
     LastCheckpoint,
+    StopTestOnSigint,
     StoppedByUser,
     find_checkpoint,
     load_checkpoint,
     restore_weights,
-    stop_at_once_on_sigint,
     stop_on_sigint,
 )
 from metalstm.cli import experiment_name, remove_empty_run, remove_resume_config
@@ -63,18 +63,26 @@ def summary_line(summary: dict[str, float]) -> str:
 
 
 @contextmanager
-def stopped_test(outcome: str, log_dir: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM during a test stops it with exit 130 or 143 and no results file (a partial test is no
-    result); a folder left holding only this command's config and log is removed."""
+def stopped_test(trainer: pl.Trainer, outcome: str, log_dir: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during ``trainer``'s test stops it with exit 130 or 143 and no results file (a partial test
+    is no result); a folder left holding only this command's config and log is removed."""
+    stop = StopTestOnSigint()
+    trainer.callbacks.append(stop)
     try:
-        with stop_at_once_on_sigint():
+        with stop.watching():
             yield
-    except (StoppedByUser, SIGTERMException) as e:  # Lightning's SIGTERMException is a SystemExit with code 0
-        name, signum = ("Ctrl-C", signal.SIGINT) if isinstance(e, StoppedByUser) else ("SIGTERM", signal.SIGTERM)
+    except BaseException as e:
+        # Lightning's SIGTERMException is a SystemExit with code 0; a second Ctrl-C inside vmap surfaces as the
+        # teardown's error, raised while handling StoppedByUser
+        if not (isinstance(e, (StoppedByUser, SIGTERMException)) or isinstance(e.__context__, StoppedByUser)):
+            raise
+        name, signum = ("Ctrl-C", signal.SIGINT) if stop.received else ("SIGTERM", signal.SIGTERM)
         print(f"\nmetalstm: stopped by {name} during the test; no results.json was written ({outcome}).", file=sys.stderr)
         if HydraConfig.initialized():
             remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(log_dir))
         sys.exit(128 + signum)
+    finally:
+        trainer.callbacks.remove(stop)
 
 
 def finished(config: dict, step: int) -> bool:
@@ -207,7 +215,7 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     test_started = time.time()
     stopped = f"training ended at step {trainer.global_step}; test it with: python eval.py run_dir={output_dir}"
-    with stopped_test(stopped, config["paths"]["log_dir"]), explained_out_of_memory(settings, device, "meta-testing"):
+    with stopped_test(trainer, stopped, config["paths"]["log_dir"]), explained_out_of_memory(settings, device, "meta-testing"):
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_seconds = time.time() - test_started
     if trainer.global_rank != 0:
@@ -285,7 +293,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict:
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
     test_started = time.time()
-    with stopped_test("nothing was written", cfg.paths.log_dir), \
+    with stopped_test(trainer, "nothing was written", cfg.paths.log_dir), \
             explained_out_of_memory(settings, training_device(cfg.accelerator), "meta-testing"):
         trainer.test(module, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
