@@ -112,10 +112,11 @@ class StoppedByUser(BaseException):
     """Ctrl-C outside training (Lightning would catch a KeyboardInterrupt and exit 1 without a word)."""
 
 
-class StopTestOnSigint(pl.Callback):
+class StopTest(pl.Callback):
     """While ``watching()``: the first Ctrl-C stops a test before its next batch of tasks, a second at once; both
     raise StoppedByUser. (A KeyboardInterrupt raised by the signal handler itself can land inside torch.func.vmap,
-    whose unwound transform stack then makes Lightning's teardown fail: the first one waits for a safe point.)"""
+    whose unwound transform stack then makes Lightning's teardown fail: the first one waits for a safe point.)
+    SIGTERM during the last batch, which Lightning lets finish, stops it too: a test stopped is no result."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -152,6 +153,8 @@ class StopTestOnSigint(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stop_if_asked()
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
 
 # ------------------------------------------------------------------------------------------ reading them

@@ -27,6 +27,7 @@ from metalstm.allocator import keep_freed_memory
 from metalstm.errors import MetalstmError
 from metalstm.files import atomic_write
 from metalstm.resume import resumable_run
+from metalstm.startup import default_ctrl_c
 
 T = TypeVar("T")
 STARTED = time.time()  # this process's start, near enough: the entry points import this module first
@@ -46,8 +47,13 @@ def run_cli(task: Callable[[DictConfig], T] | str, cfg: DictConfig) -> T:
             module, name = task.split(":")
             task = getattr(importlib.import_module(module), name)
         return task(cfg)
-    except KeyboardInterrupt:
-        print("\nmetalstm: stopped by Ctrl-C; nothing was written.", file=sys.stderr)
+    except KeyboardInterrupt:  # atomic writes: a file being written is not there, neither half nor whole
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if "resume" in cfg and last.is_file():  # train.py, in a run folder that has trained
+            print(f"\nmetalstm: stopped by Ctrl-C before the run finished; its checkpoints are kept. Continue with: "
+                  f"python train.py resume={last.parent.parent}", file=sys.stderr)
+        else:
+            print("\nmetalstm: stopped by Ctrl-C; nothing was written.", file=sys.stderr)
         if HydraConfig.initialized():
             remove_empty_run(Path(HydraConfig.get().runtime.output_dir), Path(cfg.paths.log_dir))
         sys.exit(130)
@@ -100,6 +106,7 @@ def launch(main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` entry point. A command line Hydra cannot compose (an unknown key or option, a malformed
     override) gets one paragraph and exit code 2 instead of Hydra's message and exit code 1; with
     ``HYDRA_FULL_ERROR=1`` set by the user, Hydra's own report is kept."""
+    default_ctrl_c()  # from here on Ctrl-C is a KeyboardInterrupt, handled below and in run_cli
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()
         return

@@ -32,8 +32,8 @@ from metalstm.assembly import (
 from metalstm.checkpointing import (
     AtomicCheckpointIO,
     LastCheckpoint,
-    StopTestOnSigint,
     StoppedByUser,
+    StopTest,
     find_checkpoint,
     load_checkpoint,
     restore_weights,
@@ -66,7 +66,7 @@ def summary_line(summary: dict[str, float]) -> str:
 def stopped_test(trainer: pl.Trainer, outcome: str, log_dir: str) -> Iterator[None]:
     """Ctrl-C or SIGTERM during ``trainer``'s test stops it with exit 130 or 143 and no results file (a partial test
     is no result); a folder left holding only this command's config and log is removed."""
-    stop = StopTestOnSigint()
+    stop = StopTest()
     trainer.callbacks.append(stop)
     try:
         with stop.watching():

@@ -13,9 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metalstm.startup import stop_quietly_on_ctrl_c  # noqa: E402
+
+stop_quietly_on_ctrl_c()  # exit 130, no traceback
+
+import torch  # noqa: E402
 
 from metalstm.data import DATASETS  # noqa: E402
 from metalstm.errors import ConfigError, MetalstmError  # noqa: E402

@@ -13,12 +13,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metalstm.startup import default_ctrl_c, stop_quietly_on_ctrl_c  # noqa: E402
+
+stop_quietly_on_ctrl_c()  # exit 130, no traceback
+
 
 from metalstm.errors import MetalstmError  # noqa: E402
 from metalstm.reproduce import load_table, run_table, update_readme, write_reproduction_report  # noqa: E402
 
 
 def main() -> None:
+    default_ctrl_c()  # a row's Ctrl-C is handled in run_child: the row saves its checkpoint first
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", help="a table name in configs/reproduce/, or a table YAML")
     parser.add_argument("--rows", help="comma-separated row ids to run (default: all)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +25,20 @@ def snapshot(*folders: Path) -> dict[str, str]:
 def cli(script: str, overrides: list[str], output_dir: Path, capsys) -> tuple[int, str]:
     """``python train.py|eval.py <overrides>`` in-process, through the same run_cli the scripts call:
     (exit code, what reached the terminal's stderr)."""
-    task, config = {"train": (train, "train"), "eval": (evaluate, "eval")}[script]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config, overrides=[f"paths.output_dir={output_dir}", *overrides])
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        run_cli(task, cfg)
+        run_entry(script, overrides, output_dir)
     return stop.value.code, capsys.readouterr().err
+
+
+def run_entry(script: str, overrides: list[str], output_dir: Path) -> object:
+    """``python train.py|eval.py <overrides>`` in-process; what the entry function returns."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(script, overrides=[f"paths.output_dir={output_dir}", *overrides])
+    try:
+        return run_cli({"train": train, "eval": evaluate}[script], cfg)
+    finally:  # a command stopped by Ctrl-C ignores further ones while its process exits; this process goes on
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def assert_one_clear_message(code: int, err: str, *words: str) -> None:

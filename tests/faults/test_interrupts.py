@@ -61,3 +61,26 @@ def test_a_signal_during_eval_stops_it_and_writes_nothing(tmp_path, signum, code
     assert f"stopped by {words} during the test; no results.json was written" in err and "Traceback" not in err
     assert not list(tmp_path.glob("outputs/eval/**/results.json")) and not (tmp_path / "outputs" / "eval").exists()
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files  # the trained run untouched
+
+
+CTRL_C_ON_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+module, sys.argv = sys.argv[1], sys.argv[2:]
+class CtrlC(importlib.abc.MetaPathFinder):  # Ctrl-C as the script starts to import the module named first
+    def find_spec(self, name, path, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, CtrlC())
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, module", [("train.py", "hydra"), ("eval.py", "hydra"), ("predict.py", "hydra"),
+                                            ("scripts/compare_runs.py", "metalstm.report"),
+                                            ("scripts/optimizer_curves.py", "torch")])
+def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path, script, module):
+    result = subprocess.run([sys.executable, "-c", CTRL_C_ON_IMPORT, module, str(REPO / script)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "stopped by Ctrl-C while starting; nothing was written" in result.stderr and not list(tmp_path.iterdir())

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pickle
 import shutil
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NamedTuple, get_type_hints
@@ -17,10 +20,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_script
-from helpers import assert_one_clear_message, cli, snapshot
+from helpers import assert_one_clear_message, cli, run_entry, snapshot
 from metalstm.config import _optional, rule_of
 from metalstm.data import DATASETS
 from metalstm.errors import ConfigError, MetalstmError
+from metalstm.files import run_lock
 from metalstm.inference import load_learner, predict_cli
 from metalstm.learners import BASE_LEARNERS
 from metalstm.meta import META_LEARNERS
@@ -286,6 +290,147 @@ for case, overrides, words in (
         code, err = cli("train", overrides, scratch / "run", capsys)
         assert_one_clear_message(code, err, words)
     CELLS.append(Cell("train", "resources the machine does not have", case, check))
+
+
+# ----------------------------------------------------------------------- interrupts, in each phase
+
+
+@contextmanager
+def signal_when(function: str, signum: int, nth: int = 1, path_ends: str | None = None) -> Iterator[list[int]]:
+    """Deliver ``signum`` to this process as ``function`` (a Python function's name) is entered the ``nth`` time
+    (and, with ``path_ends``, only when its ``path`` argument ends so): a Ctrl-C or SIGTERM at a chosen moment,
+    in-process. Yields a list that holds the signal once it was sent."""
+    sent: list[int] = []
+    calls = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event != "call" or frame.f_code.co_name != function:
+            return
+        if path_ends is not None and not str(frame.f_locals.get("path", "")).endswith(path_ends):
+            return
+        calls += 1
+        if calls == nth:
+            sys.setprofile(None)
+            sent.append(signum)
+            signal.raise_signal(signum)
+
+    sys.setprofile(profile)
+    try:
+        yield sent
+    finally:
+        sys.setprofile(None)
+
+
+SHORT = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.val_tasks=4", "data.test_tasks=4",
+         "callbacks.last_checkpoint.every_n_steps=1"]
+CTRL_C, TERM = (signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")
+# (phase, where the signal lands, its nth call, the path it writes, which signals, what the run folder keeps)
+TRAIN_PHASES = (("data preparation", "build_datamodule", 1, None, (CTRL_C,), "nothing"),
+                ("model building", "build_module", 1, None, (CTRL_C,), "nothing"),
+                ("a training step", "training_step", 2, None, (CTRL_C, TERM), "last.ckpt"),
+                ("validation", "validation_step", 1, None, (CTRL_C, TERM), "last.ckpt"),
+                ("writing a checkpoint", "atomic_write", 1, ".ckpt", (CTRL_C, TERM), "last.ckpt"),
+                ("the test", "test_step", 1, None, (CTRL_C, TERM), "last.ckpt"),
+                ("writing results.json", "write_json", 1, "results.json", (CTRL_C,), "last.ckpt"))
+
+
+def no_partial_files(folder: Path) -> None:
+    assert not list(folder.rglob("results.json")) and not list(folder.rglob(".*.tmp"))
+
+
+for phase, function, nth, path_ends, signals, keeps in TRAIN_PHASES:
+    for signum, code, words in signals:
+        def check(run: Path, scratch: Path, capsys: Any, function: str = function, nth: int = nth,
+                  path_ends: str | None = path_ends, signum: int = signum, code: int = code, words: str = words,
+                  keeps: str = keeps) -> None:
+            out = scratch / "run"
+            with signal_when(function, signum, nth, path_ends) as sent:
+                code_, err = cli("train", SHORT, out, capsys)
+            assert sent and code_ == code and f"stopped by {words}" in err and "Traceback" not in err, err
+            no_partial_files(scratch)
+            if keeps == "last.ckpt":  # a consistent state to resume from
+                assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= 1
+                assert f"resume={out}" in err or "no results.json was written" in err, err
+        CELLS.append(Cell("train", "interrupt", f"{words} during {phase}", check))
+
+EVAL_PHASES = (("data preparation", "build_datamodule", None, (CTRL_C,)),
+               ("the test", "test_step", None, (CTRL_C, TERM)),
+               ("writing results.json", "write_json", "results.json", (CTRL_C,)))
+
+for phase, function, path_ends, signals in EVAL_PHASES:
+    for signum, code, words in signals:
+        def check(run: Path, scratch: Path, capsys: Any, function: str = function, path_ends: str | None = path_ends,
+                  signum: int = signum, code: int = code, words: str = words) -> None:
+            def evaluate_stopped() -> tuple[int, str]:
+                with signal_when(function, signum, 1, path_ends) as sent:
+                    code_and_err = cli("eval", [f"run_dir={run}"], scratch / "eval", capsys)
+                assert sent
+                return code_and_err
+            code_, err = unchanged(run, evaluate_stopped)
+            assert code_ == code and f"stopped by {words}" in err and "Traceback" not in err, err
+            no_partial_files(scratch)
+        CELLS.append(Cell("eval", "interrupt", f"{words} during {phase}", check))
+
+
+# ----------------------------------------------------------------------- one run folder, two commands
+
+
+def copy_of(run: Path, scratch: Path) -> Path:
+    shutil.copytree(run, scratch / "copy")
+    return scratch / "copy"
+
+
+for held, holder in ((True, "training"), (False, "an evaluation")):
+    def check(run: Path, scratch: Path, capsys: Any, held: bool = held) -> None:
+        copy = copy_of(run, scratch)
+        (copy / "results.json").unlink()  # its test is still to run: a resume has work to do
+        with run_lock(copy, exclusive=held):  # another command, as the kernel sees it
+            code, err = unchanged(copy, lambda: cli("train", [f"resume={copy}"], copy, capsys))
+        assert_one_clear_message(code, err, "is in use by another metalstm command", f"resume={copy}")
+    CELLS.append(Cell("resume", "concurrent use of one run folder", f"while {holder} holds it", check))
+
+
+def check_eval_while_training(run: Path, scratch: Path, capsys: Any) -> None:
+    copy = copy_of(run, scratch)
+    with run_lock(copy, exclusive=True):  # a training command owns the folder: an eval still reads it
+        unchanged(copy, lambda: run_entry("eval", [f"run_dir={copy}"], scratch / "eval"))
+    assert (scratch / "eval" / "results.json").is_file()
+
+
+CELLS.append(Cell("eval", "concurrent use of one run folder", "while training holds it", check_eval_while_training))
+
+
+def check_train_into_a_held_folder(run: Path, scratch: Path, capsys: Any) -> None:
+    copy = copy_of(run, scratch)
+    with run_lock(copy, exclusive=True):
+        code, err = unchanged(copy, lambda: cli("train", ["trainer.max_steps=2"], copy, capsys))
+    assert_one_clear_message(code, err, str(copy))
+
+
+CELLS.append(Cell("train", "concurrent use of one run folder", "hydra.run.dir of a run in training",
+                  check_train_into_a_held_folder))
+
+
+def check_report_of_a_held_folder(run: Path, scratch: Path, capsys: Any) -> None:
+    copy = copy_of(run, scratch / "sweep")
+    with run_lock(copy, exclusive=True):
+        unchanged(copy, lambda: write_report([scratch / "sweep"], scratch / "report"))
+    assert "copy" in (scratch / "report" / "runs.md").read_text()
+
+
+CELLS.append(Cell("compare_runs", "concurrent use of one run folder", "a run in training", check_report_of_a_held_folder))
+
+
+def check_api_on_a_held_folder(run: Path, scratch: Path, capsys: Any) -> None:
+    copy = copy_of(run, scratch)
+    with run_lock(copy, exclusive=True):
+        learner = unchanged(copy, lambda: load_learner(copy, device="cpu"))
+    x = np.linspace(-1, 1, 10)[:, None]
+    assert np.isfinite(learner.adapt(x, np.sin(x)).predict(np.zeros((3, 1)))).all()
+
+
+CELLS.append(Cell("api", "concurrent use of one run folder", "load_learner of a run in training", check_api_on_a_held_folder))
 
 
 @pytest.mark.parametrize("entry, fault, case, check", CELLS, ids=[f"{c.entry}-{c.case}" for c in CELLS])
