@@ -35,11 +35,13 @@ def test_two_process_ddp_gives_the_single_process_meta_gradient(tmp_path):
             assert torch.allclose(rank["grads"][name], p.grad, atol=1e-6), name
 
 
-def test_ddp_cpu_training_run_writes_one_output_folder(tmp_path, omniglot_fixture, cache_dir):
+def test_ddp_cpu_training_run_writes_one_output_folder_and_tests_each_task_once(tmp_path, omniglot_fixture, cache_dir):
+    """trainer=ddp_cpu with 2 processes: one run folder, and the 2-rank test (7 tasks: uneven over the ranks,
+    which a distributed sampler would pad with repeats) equals a 1-process eval."""
     result = run_script(
         "train.py", "+experiment=omniglot_5way", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=5",
         *fixture_overrides(omniglot_fixture, cache_dir), "data.meta_batch_size=4", "trainer.val_check_interval=5",
-        "data.val_tasks=4", "data.test_tasks=8", "data.eval_batch_size=4", "meta_learner.test_inner_steps=2",
+        "data.val_tasks=4", "data.test_tasks=7", "data.eval_batch_size=4", "meta_learner.test_inner_steps=2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,4 +50,8 @@ def test_ddp_cpu_training_run_writes_one_output_folder(tmp_path, omniglot_fixtur
     folders = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert folders == runs, folders  # the second rank wrote into the same folder, made none of its own
     results = json.loads((runs[0] / "results.json").read_text())
-    assert results["steps"] == 5 and results["num_tasks"] == 8  # the 8 test tasks, shared over both ranks
+    assert results["steps"] == 5 and results["num_tasks"] == 7  # the 7 test tasks, shared over both ranks
+    line = next(s for s in result.stdout.splitlines() if s.startswith("test/acc ="))
+    single = run_script("eval.py", f"run_dir={runs[0]}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert line.endswith("(7 tasks)") and line in single.stdout

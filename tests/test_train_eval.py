@@ -117,17 +117,3 @@ def test_missing_data_fails_fast_with_one_clear_message(tmp_path):
     assert "metalstm error:" in message and "/nonexistent" in message and "data.root" in message
     # fails in data setup, before any step: nothing was trained, so no run folder is left behind
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
-
-
-def test_ddp_on_cpu_counts_each_test_task_once(tmp_path):
-    """trainer=ddp with 2 CPU processes (gloo): one run folder, and the 2-rank test equals a 1-process eval."""
-    result = run_script("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=20",
-                        "trainer.val_check_interval=10", "data.meta_batch_size=24", "data.val_tasks=11",
-                        "data.test_tasks=51", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(tmp_path)  # exactly one folder: the second rank wrote into the first one's
-    line = next(s for s in result.stdout.splitlines() if s.startswith("test/mse ="))
-    assert line.endswith("(51 tasks)")
-    single = run_script("eval.py", f"run_dir={run}", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert line in single.stdout

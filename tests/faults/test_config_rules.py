@@ -3,17 +3,25 @@ belongs, zero and a negative number each stop the run with one clear message nam
 before any data is read (or, for zero where zero is allowed, get as far as the data)."""
 from __future__ import annotations
 
+import copy
+import functools
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import get_type_hints
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
 
-from conftest import REPO, run_script
+from conftest import CONFIG_DIR, REPO, run_script
 from helpers import assert_one_clear_message, cli
 from metalstm import jobs
 from metalstm.assembly import RunConfig
+from metalstm.cli import run_cli
 from metalstm.config import _optional, rule_of
 from metalstm.data import DATASETS
 from metalstm.learners import BASE_LEARNERS
@@ -36,6 +44,24 @@ def numeric_keys() -> list[tuple[str, str | None, str, type, object]]:
 
 
 KEYS = numeric_keys()
+
+
+@functools.cache
+def composed(base: tuple[str, ...]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(base))
+
+
+def train_with(base: list[str], override: str, output_dir: Path, capsys) -> tuple[int, str]:
+    """``cli("train", [*base, override], ...)`` at a tenth of the cost: ``base`` is composed once, and the override
+    applied to a copy by Hydra's own code for a ``key=value`` on the command line."""
+    cfg = copy.deepcopy(composed(tuple(base)))
+    parsed = OverridesParser.create().parse_overrides([f"paths.output_dir={output_dir}", override])
+    ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(jobs.train, cfg)
+    return stop.value.code, capsys.readouterr().err
 
 
 class DataReached(Exception):
@@ -70,11 +96,11 @@ def test_a_bad_number_is_refused_before_the_data_is_read(group, option, key, kin
     above = [] if rule.maximum is None else [rule.maximum * 2 + 1]  # seed: 2**33 - 1, which numpy cannot take
     bad = ["bogus", -1, *([] if zero_allowed else [0]), *([1.5] if kind is int else []), *above]
     for value in bad:
-        code, err = cli("train", [*base, f"{name}={value}"], tmp_path / f"run{value}", capsys)
+        code, err = train_with(base, f"{name}={value}", tmp_path / f"run{value}", capsys)
         assert_one_clear_message(code, err, f"{name}=", "must be")
     if zero_allowed:
         with pytest.raises(DataReached):
-            cli("train", [*base, f"{name}=0"], tmp_path / "run0", capsys)
+            train_with(base, f"{name}=0", tmp_path / "run0", capsys)
 
 
 def test_the_message_is_the_same_for_a_word_and_a_negative_number(tmp_path, capsys):
