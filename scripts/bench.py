@@ -16,6 +16,9 @@ Workloads (random inputs of the real shapes, as the peer script uses):
       5 inner steps
 
 One step = meta_loss + backward + Adam step of our MetaLearner, exactly as the training loop runs it.
+    python scripts/bench.py W1 --profile  # also: where a step's time goes (operator and input shape), the
+                                          # step's floating-point work, and the share of this machine's
+                                          # measured peak (a large float32 and bfloat16 matmul) it reaches
 Prints the median tasks/s over timed steps after a warm-up, and the peak memory (GPU: allocated by torch;
 CPU: the process's peak resident set).
 """
@@ -26,6 +29,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,6 +88,49 @@ def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, E
     return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 
 
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n matrix product in ``dtype`` on ``device``: the practical peak of the chip."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def profile(step: Callable[[], None], device: str, seconds: float, rows: int = 15) -> None:
+    """Print the step's work (FlopCounterMode: forward, backward and double backward), its GFLOP/s against the
+    measured matmul peaks, and where its time goes, by operator and input shape (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    gflop = counter.get_total_flops() / 1e9
+    achieved = gflop / seconds
+    fp32, bf16 = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
+    print(f"work: {gflop:.1f} GFLOP per step, {achieved:.1f} GFLOP/s achieved; 2048^2 matmul peak: float32 "
+          f"{fp32:.1f} GFLOP/s ({100 * achieved / fp32:.0f} % reached), bfloat16 {bf16:.1f} GFLOP/s")
+    by_op = sorted(counter.get_flop_counts().get("Global", {}).items(), key=lambda kv: -kv[1])
+    print("work by operator: " + ", ".join(f"{op} {flops / 1e9:.1f}" for op, flops in by_op[:8]))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows, max_name_column_width=40,
+                                                             max_shapes_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=sorted(WORKLOADS))
@@ -91,6 +138,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vectorize", default="auto", choices=["auto", "vmap", "loop"],
                         help="MAML's meta_learner.vectorize (auto: vmap, but a per-task loop for Conv-4 on CPU)")
+    parser.add_argument("--profile", action="store_true", help="also print the step's GFLOP/s against the measured "
+                        "matmul peak and its time by operator and input shape")
     args = parser.parse_args()
     keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
@@ -119,6 +168,8 @@ def main() -> None:
         peak = f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
     print(f"metalstm-{args.workload} tasks/s {statistics.median(rates):.2f} ({shape} threads={torch.get_num_threads()} "
           f"device={args.device} {peak})")
+    if args.profile:
+        profile(step, args.device, batch.num_tasks / statistics.median(rates))
 
 
 if __name__ == "__main__":

@@ -217,4 +217,6 @@ def pytest_report_header(config) -> str:
     from test_config_rules import KEYS
     from test_matrix import matrix_size
 
-    return f"fault matrix: {matrix_size()}; and train x every numeric setting: {len(KEYS)} cases (test_config_rules)"
+    entries, faults, cells = matrix_size()
+    return (f"fault matrix: {entries} entry points x {faults} fault classes, {cells + len(KEYS)} cases ({cells} in "
+            f"test_matrix.py, {len(KEYS)} of train x every numeric setting in test_config_rules.py)")

@@ -173,6 +173,11 @@ def test_eval_of_a_folder_without_checkpoints(tmp_path, capsys):
     assert_one_clear_message(code, err, "No checkpoint", "best.ckpt", "run_dir")
 
 
+def whole_files(folder: Path) -> set[str]:
+    """Names of the files in ``folder``, less the temporary ones a writer (alive, or killed mid-write) has open."""
+    return {p.name for p in folder.iterdir() if not p.name.endswith(".tmp")}
+
+
 def test_one_command_at_a_time_trains_a_run_folder_and_a_killed_one_frees_it(tmp_path, capsys):
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -183,14 +188,13 @@ def test_one_command_at_a_time_trains_a_run_folder_and_a_killed_one_frees_it(tmp
         deadline = time.time() + 120
         while time.time() < deadline and not (run / "checkpoints" / "last.ckpt").is_file():
             time.sleep(0.1)
-        before = snapshot(run / "checkpoints")
+        before = whole_files(run / "checkpoints")
         code, err = cli("train", [f"resume={run}"], run, capsys)  # a second command on the same folder
         assert_one_clear_message(code, err, f"{run} is in use by another metalstm command", f"resume={run}")
     finally:
         training.kill()  # SIGKILL: no chance to unlock
         training.wait()
-    left = set(snapshot(run / "checkpoints"))  # killed mid-write, it may leave a partial .last.ckpt.*.tmp
-    assert {p for p in left if not Path(p).name.endswith(".tmp")} == set(before)
+    assert whole_files(run / "checkpoints") == before
     (run / "checkpoints" / ".last.ckpt.killed.tmp").write_bytes(b"half a checkpoint")  # one such file, for sure
     with run_lock(run, exclusive=False):  # the kernel freed the killed process's lock; an eval reads the run
         resumed = run_script("train.py", f"resume={run}", cwd=tmp_path)  # and a resume must wait for it
