@@ -1,6 +1,7 @@
 """The meta-learner zoo: every combination trains or is refused, and each algorithm's defining math."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import fields
 
@@ -69,7 +70,9 @@ def refused(meta: str, base: str, data: str) -> bool:
     return base_class.refusal(base_config(), spec) is not None or meta_refusal is not None
 
 
+@functools.cache
 def compose_meta_name(option: str) -> str:
+    """The meta-learner a ``meta_learner=`` option names (fomaml and anil are maml)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[f"meta_learner={option}"]).meta_learner.name
 
