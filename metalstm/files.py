@@ -60,14 +60,12 @@ def lock_run(folder: Path, exclusive: bool) -> int | None:
     return fd
 
 
-def remove_partial_writes(folder: Path) -> list[Path]:
+def remove_partial_writes(folder: Path) -> None:
     """Remove the temporary files ``atomic_write`` left in ``folder`` and its ``checkpoints/`` when a process was
     killed mid-write (SIGKILL, the OOM killer). Only call it holding the folder's exclusive lock: then no writer is
-    alive. Returns what was removed."""
-    partial = [p for d in (folder, folder / "checkpoints") for p in d.glob(".*.tmp") if p.is_file()]
-    for p in partial:
-        p.unlink()
-    return partial
+    alive."""
+    for partial in [p for d in (folder, folder / "checkpoints") for p in d.glob(".*.tmp") if p.is_file()]:
+        partial.unlink()
 
 
 @contextmanager

@@ -145,7 +145,6 @@ def main() -> None:
     torch.manual_seed(0)
     meta, batch, shape = workload(args.workload, args.device, args.vectorize)
     optimizer = meta.outer_optimizer(1e-3)
-    cuda = args.device.startswith("cuda")
 
     def step() -> None:
         optimizer.zero_grad()
@@ -155,14 +154,12 @@ def main() -> None:
     step()  # warm-up
     rates = []
     for _ in range(args.iters):
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(args.device)
         start = time.perf_counter()
         step()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(args.device)
         rates.append(batch.num_tasks / (time.perf_counter() - start))
-    if cuda:
+    if args.device.startswith("cuda"):
         peak = f"peak_gpu_mem={torch.cuda.max_memory_allocated() / 2**20:.0f}MiB"
     else:
         peak = f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"

@@ -15,7 +15,6 @@ from metalstm.startup import stop_quietly_on_ctrl_c  # noqa: E402
 
 stop_quietly_on_ctrl_c()  # exit 130, no traceback
 
-
 from metalstm.errors import MetalstmError  # noqa: E402
 from metalstm.report import write_report  # noqa: E402
 

@@ -17,7 +17,6 @@ from metalstm.startup import default_ctrl_c, stop_quietly_on_ctrl_c  # noqa: E40
 
 stop_quietly_on_ctrl_c()  # exit 130, no traceback
 
-
 from metalstm.errors import MetalstmError  # noqa: E402
 from metalstm.reproduce import load_table, run_table, update_readme, write_reproduction_report  # noqa: E402
 

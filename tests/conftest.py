@@ -177,6 +177,17 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished sinusoid MAML run (a few steps), read-only for every test: what eval, resume, predict and the
+    API read (a test that changes a run works on a copy)."""
+    home = tmp_path_factory.mktemp("trained")
+    result = run_script("train.py", "trainer.max_steps=3", "data.val_tasks=10", "data.test_tasks=10",
+                        f"hydra.run.dir={home / 'run'}", cwd=home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return home / "run"
+
+
 def fixture_overrides(root: Path, cache: Path, data: str = "omniglot") -> list[str]:
     """Point any Omniglot experiment at the fixture: it has no Vinyals split (use Lake's), and its
     5 validation characters make 20 classes for 20-way tasks only with rotations."""

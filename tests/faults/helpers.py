@@ -25,9 +25,14 @@ def snapshot(*folders: Path) -> dict[str, str]:
 def cli(script: str, overrides: list[str], output_dir: Path, capsys) -> tuple[int, str]:
     """``python train.py|eval.py <overrides>`` in-process, through the same run_cli the scripts call:
     (exit code, what reached the terminal's stderr)."""
+    return exit_of(lambda: run_entry(script, overrides, output_dir), capsys)
+
+
+def exit_of(command: Callable[[], object], capsys) -> tuple[int, str]:
+    """Run ``command``, which must exit: (exit code, what reached the terminal's stderr meanwhile)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        run_entry(script, overrides, output_dir)
+        command()
     return stop.value.code, capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from conftest import CONFIG_DIR, REPO, run_script
-from helpers import assert_one_clear_message, cli
+from helpers import assert_one_clear_message, cli, exit_of
 from metalstm import jobs
 from metalstm.assembly import RunConfig
 from metalstm.cli import run_cli
@@ -58,10 +58,7 @@ def train_with(base: list[str], override: str, output_dir: Path, capsys) -> tupl
     cfg = copy.deepcopy(composed(tuple(base)))
     parsed = OverridesParser.create().parse_overrides([f"paths.output_dir={output_dir}", override])
     ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        run_cli(jobs.train, cfg)
-    return stop.value.code, capsys.readouterr().err
+    return exit_of(lambda: run_cli(jobs.train, cfg), capsys)
 
 
 class DataReached(Exception):

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,18 +37,11 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum, code, w
     assert "(10 tasks)" in resumed.stdout
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("trained")
-    assert run_script("train.py", "trainer.max_steps=3", f"hydra.run.dir={home / 'run'}", cwd=home).returncode == 0
-    return home / "run"
-
-
 @pytest.mark.parametrize("twice", [False, True])
-def test_ctrl_c_during_eval_stops_it_and_writes_nothing(tmp_path, trained, twice):
+def test_ctrl_c_during_eval_stops_it_and_writes_nothing(tmp_path, trained_run, twice):
     """A real process, signalled from outside at an arbitrary moment of its test loop (the fault matrix delivers
     Ctrl-C and SIGTERM in-process at chosen moments)."""
-    run = trained
+    run = trained_run
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     process = subprocess.Popen([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "data.test_tasks=100000"],

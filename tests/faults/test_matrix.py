@@ -19,7 +19,6 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_script
 from helpers import assert_one_clear_message, cli, run_entry, snapshot
 from metalstm.config import _optional, rule_of
 from metalstm.data import DATASETS
@@ -48,16 +47,6 @@ def cell(entry: str, fault: str, case: str) -> Callable:
         CELLS.append(Cell(entry, fault, case, check))
         return check
     return register
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished sinusoid MAML run (a few steps): what eval, resume, predict and the API read."""
-    home = tmp_path_factory.mktemp("trained")
-    result = run_script("train.py", "trainer.max_steps=3", "data.val_tasks=10", "data.test_tasks=10",
-                        f"hydra.run.dir={home / 'run'}", cwd=home)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return home / "run"
 
 
 def unchanged(run: Path, action: Callable[[], Any]) -> Any:
@@ -434,8 +423,8 @@ CELLS.append(Cell("api", "concurrent use of one run folder", "load_learner of a 
 
 
 @pytest.mark.parametrize("entry, fault, case, check", CELLS, ids=[f"{c.entry}-{c.case}" for c in CELLS])
-def test_fault_matrix(entry, fault, case, check, trained, tmp_path, capsys):
-    check(trained, tmp_path, capsys)
+def test_fault_matrix(entry, fault, case, check, trained_run, tmp_path, capsys):
+    check(trained_run, tmp_path, capsys)
 
 
 def matrix_size() -> tuple[int, int, int]:
