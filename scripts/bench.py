@@ -41,6 +41,7 @@ from metalstm.core import EpisodeBatch  # noqa: E402
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
 from metalstm.learners import BASE_LEARNERS, build_base_learner  # noqa: E402
 from metalstm.meta import META_LEARNERS, build_meta_learner  # noqa: E402
+from metalstm.meta.maml import VECTORIZE  # noqa: E402
 from metalstm.objectives import get_objective  # noqa: E402
 
 MAML = {"name": "maml", "inner_lr": 0.4, "inner_steps": 5}
@@ -136,8 +137,10 @@ def main() -> None:
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--iters", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vectorize", default="auto", choices=["auto", "vmap", "loop"],
-                        help="MAML's meta_learner.vectorize (auto: vmap, but a per-task loop for Conv-4 on CPU)")
+    parser.add_argument("--vectorize", default="auto", choices=VECTORIZE,
+                        help="MAML's meta_learner.vectorize (auto: vmap, but grouped for Conv-4 on CPU)")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                        help="as trainer.precision: bf16-mixed runs the step's forward under bfloat16 autocast")
     parser.add_argument("--profile", action="store_true", help="also print the step's GFLOP/s against the measured "
                         "matmul peak and its time by operator and input shape")
     args = parser.parse_args()
@@ -146,9 +149,14 @@ def main() -> None:
     meta, batch, shape = workload(args.workload, args.device, args.vectorize)
     optimizer = meta.outer_optimizer(1e-3)
 
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed",
+                              cache_enabled=False)  # as Lightning: each cast its own, gradients summed in float32
+
     def step() -> None:
         optimizer.zero_grad()
-        meta.meta_loss(batch).loss.backward()
+        with autocast:  # as Lightning's bf16-mixed: the forward (and so its double backward) under autocast
+            loss = meta.meta_loss(batch).loss
+        loss.backward()
         optimizer.step()
 
     step()  # warm-up
@@ -164,7 +172,7 @@ def main() -> None:
     else:
         peak = f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
     print(f"metalstm-{args.workload} tasks/s {statistics.median(rates):.2f} ({shape} threads={torch.get_num_threads()} "
-          f"device={args.device} {peak})")
+          f"device={args.device} precision={args.precision} {peak})")
     if args.profile:
         profile(step, args.device, batch.num_tasks / statistics.median(rates))
 

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from conftest import central_differences
 from metalstm.core import EpisodeBatch
+from metalstm.errors import ConfigError
+from metalstm.learners.conv4 import Conv4, Conv4Config
 from metalstm.learners.mlp import MLP, MLPConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 from metalstm.objectives import Regression
@@ -162,10 +166,11 @@ def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, Episo
         spec, batch = source.spec, source.sample("train", 3, g)
         cfg = {"name": base, "hidden": 6, "input_dim": 4}
     else:
-        shapes = {"conv4": (1, 8, 8), "mlp": (5,), "lstm_encoder": (4, 2)}
+        shapes = {"conv4": (1, 8, 8), "conv4-maxpool": (1, 8, 8), "mlp": (5,), "lstm_encoder": (4, 2)}
         spec = {"task_type": "classification", "input_shape": shapes[base], "output_dim": 3}
-        cfg = {"name": base, **({"filters": 4, "blocks": 2} if base == "conv4" else {"hidden": [8]} if base == "mlp"
-                                else {"hidden": 6, "input_dim": 4})}
+        cfg = {"conv4": {"filters": 4, "blocks": 2}, "conv4-maxpool": {"filters": 4, "blocks": 2, "downsample": "maxpool"},
+               "mlp": {"hidden": [8]}, "lstm_encoder": {"hidden": 6, "input_dim": 4}}[base]
+        cfg = {"name": base.split("-")[0], **cfg}
         x = torch.rand(3, 9, *shapes[base], generator=g)
         y = torch.arange(3).repeat(3).expand(3, -1)
         batch = EpisodeBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
@@ -178,28 +183,66 @@ def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, Episo
 
 VECTORIZE_CASES = [("conv4", {}), ("conv4", {"first_order": True}),
                    ("conv4", {"learned_lr": "per_layer_per_step", "per_step_bn": True, "multi_step_loss": True}),
+                   ("conv4-maxpool", {"adapt": "head"}),
                    ("mlp", {"learned_lr": "per_parameter"}), ("lstm_encoder", {}), ("lstm_seq2seq", {})]
 
 
 @pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])
-def test_vmapped_tasks_give_the_per_task_loops_meta_gradient(base, options, caplog):
+@pytest.mark.parametrize("mode", ["vmap", "grouped"])
+def test_tasks_adapted_together_give_the_per_task_loops_meta_gradient(base, options, mode):
+    """vmap (whole tasks) and grouped (all support sets through forward_tasks, queries task by task) compute the
+    loop's meta-loss, query outputs, meta-gradient of every parameter and meta-test predictions."""
     results = {}
-    for mode in ("loop", "vmap"):
-        maml, batch = vectorize_problem(base, mode, **options)
+    for vectorize in ("loop", mode):
+        maml, batch = vectorize_problem(base, vectorize, **options)
+        assert maml.vectorize_mode(batch.support_x) == vectorize
         out = maml.meta_loss(batch)
         out.loss.backward()
-        results[mode] = (out.loss.detach(), out.query_outputs,
-                         [p.grad.clone() for p in maml.parameters() if p.grad is not None], maml.predict(batch))
+        results[vectorize] = (out.loss.detach(), out.query_outputs,
+                              [p.grad.clone() for p in maml.parameters() if p.grad is not None], maml.predict(batch))
         assert not maml.vmap_failed  # really vectorised, no silent fallback
-    (loss, outputs, grads, predictions), (v_loss, v_outputs, v_grads, v_predictions) = results["loop"], results["vmap"]
+    (loss, outputs, grads, predictions), (v_loss, v_outputs, v_grads, v_predictions) = results["loop"], results[mode]
     assert torch.allclose(loss, v_loss, atol=1e-6) and torch.allclose(outputs, v_outputs, atol=1e-5)
     assert len(grads) == len(v_grads) and grads
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, v_grads))
     assert torch.allclose(predictions, v_predictions, atol=1e-5)
 
 
+@pytest.mark.parametrize("downsample,norm", [("stride", "batch"), ("maxpool", "batch"), ("maxpool", "none")])
+def test_conv4_forward_tasks_is_each_tasks_forward_with_its_own_weights(downsample, norm):
+    """Conv-4's grouped forward over T tasks = forward_with per task, and so are its first and second derivatives
+    (in float64, where the only difference, the order of the sums, is far below the tolerance)."""
+    torch.manual_seed(0)
+    spec = {"task_type": "classification", "input_shape": (2, 16, 16), "output_dim": 3}
+    learner = Conv4(Conv4Config(filters=4, blocks=3, downsample=downsample, norm=norm), spec).double()
+    params = {n: (p + 0.1 * torch.randn_like(p.expand(4, *p.shape))).detach().requires_grad_()
+              for n, p in learner.params().items()}
+    x = torch.randn(4, 5, 2, 16, 16, dtype=torch.float64)
+
+    def derivatives(outputs: Tensor) -> list[Tensor]:
+        first = torch.autograd.grad(outputs.square().sum(), list(params.values()), create_graph=True)
+        return [*first, *torch.autograd.grad(sum(g.square().sum() for g in first), list(params.values()))]
+
+    grouped = learner.forward_tasks(params, x)
+    looped = torch.stack([learner.forward_with({n: p[t] for n, p in params.items()}, x[t]) for t in range(4)])
+    assert grouped.shape == (4, 5, 3) and torch.allclose(grouped, looped, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-9, rtol=1e-9) for a, b in zip(derivatives(grouped), derivatives(looped)))
+
+
+def test_vectorize_auto_picks_the_measured_path_and_grouped_refuses_running_statistics():
+    cpu = torch.zeros(1)
+    assert vectorize_problem("conv4", "auto")[0].vectorize_mode(cpu) == "grouped"
+    assert vectorize_problem("mlp", "auto")[0].vectorize_mode(cpu) == "vmap"
+    spec = {"task_type": "classification", "input_shape": (1, 8, 8), "output_dim": 3}
+    running = Conv4(Conv4Config(filters=4, blocks=2, norm="running"), spec)
+    assert MAML(running, F.cross_entropy, spec, MAMLConfig()).vectorize_mode(cpu) == "loop"
+    for mode in ("grouped", "vmap"):
+        with pytest.raises(ConfigError, match=f"vectorize={mode}.*running statistics.*vectorize=loop"):
+            MAML(running, F.cross_entropy, spec, MAMLConfig(vectorize=mode))
+
+
 @pytest.mark.parametrize("base", ["conv4", "mlp", "lstm_encoder"])
-@pytest.mark.parametrize("vectorize", ["loop", "vmap"])
+@pytest.mark.parametrize("vectorize", ["loop", "vmap", "grouped"])
 def test_bf16_autocast_keeps_the_second_order_meta_gradient_close(base, vectorize):
     """trainer.precision=bf16-mixed runs the step under autocast: the meta-gradient stays near the float32 one
     (direction and size), on either inner-loop path. Not exact (measured: cosine 0.988 for Conv-4 looped through
@@ -207,7 +250,7 @@ def test_bf16_autocast_keeps_the_second_order_meta_gradient_close(base, vectoriz
     grads = {}
     for dtype in (None, torch.bfloat16):
         maml, batch = vectorize_problem(base, vectorize)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None, cache_enabled=False):  # as Lightning
             loss = maml.meta_loss(batch).loss
         loss.backward()
         grads[dtype] = torch.cat([p.grad.flatten() for p in maml.parameters() if p.grad is not None])

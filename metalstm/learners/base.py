@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from metalstm.config import Config
 from metalstm.core import TaskSpec
@@ -37,7 +37,9 @@ class BaseLearner(nn.Module):
     """
 
     bn_policy = "none"  # | "transductive" (each forward's own batch statistics) | "running" (see BatchNorm)
-    vmap_on_cpu = True  # vmap over tasks beats a per-task loop on CPU (scripts/bench.py; not so for convolutions)
+    # MAML's meta_learner.vectorize=auto on a CPU: vmap (over whole tasks) beats a per-task loop for small dense
+    # learners; Conv-4 adapts its support sets with forward_tasks, "grouped" (scripts/bench.py, docs/performance.md)
+    cpu_vectorize = "vmap"
     embed_dim: int
     body: nn.Module
     head: nn.Module
@@ -72,6 +74,13 @@ class BaseLearner(nn.Module):
 
     def embed_with(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self, params, (x,), {"embed": True})
+
+    def forward_tasks(self, params: Params, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Outputs of T tasks at once, each with weights of its own: params values [T, *shape], x [T, n, ...],
+        targets [T, n(, ...)] or None -> [T, n, output_dim]. Here ``forward_with`` vmapped over the tasks; a learner
+        may write it as larger products (Conv-4: grouped convolutions)."""
+        with tasks_vmapped():
+            return vmap(self.forward_with, in_dims=(0, 0, None if targets is None else 0))(params, x, targets)
 
 
 _vmapped = threading.local()

@@ -37,7 +37,7 @@ from metalstm.learners.base import BaseLearner, Params, in_tasks_vmap, tasks_vma
 from metalstm.meta.base import LossFn, MetaConfig, MetaLearner, MetaOutput, key
 
 LEARNED_LR = ("none", "per_layer_per_step", "per_parameter")
-VECTORIZE = ("auto", "vmap", "loop")
+VECTORIZE = ("auto", "vmap", "loop", "grouped")
 ADAPT = ("all", "head")
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ class MAMLConfig(MetaConfig):
     per_step_bn: bool = False
     first_order_until: float = fraction(0.0)  # fraction of meta-training run first-order
     adapt: str = choice("all", ADAPT)  # all (MAML) | head: the inner loop adapts the last layer only (ANIL)
-    # vmap: a meta-batch's tasks adapt together; loop: one task at a time; auto: vmap, except a per-task loop
-    # for convolutional learners on CPU (measured faster there, docs/performance.md). Same meta-gradient.
+    # vmap: a meta-batch's tasks adapt together (torch.func.vmap); loop: one task at a time; grouped: the support
+    # sets adapt together through the learner's forward_tasks (Conv-4: grouped convolutions), the query sets one task
+    # at a time; auto: vmap, grouped for Conv-4 on a CPU, loop with BatchNorm running statistics
+    # (measured, docs/performance.md). Same meta-gradient.
     vectorize: str = choice("auto", VECTORIZE)
 
 
@@ -68,11 +70,16 @@ class MAML(MetaLearner):
         super().__init__(learner, loss_fn)
         self.cfg = cfg
         self.vmap_checked = self.vmap_failed = False  # vmap tried once; a learner it cannot batch falls back
+        self.tasks_stacked = False  # set while a meta-batch adapts as one (vectorize=grouped)
         params = learner.params()
         self.norm_names = {f"{m}.{p}" for m, mod in learner.named_modules()
                            if isinstance(mod, nn.modules.batchnorm._BatchNorm) for p in ("weight", "bias")}
         if cfg.per_step_bn and not self.norm_names:
             raise ConfigError("meta_learner.per_step_bn=true needs a base learner with BatchNorm (e.g. conv4 norm=batch).")
+        if cfg.vectorize in ("vmap", "grouped") and learner.bn_policy == "running":
+            raise ConfigError(f"meta_learner.vectorize={cfg.vectorize} adapts the tasks of a meta-batch together, but "
+                              "BatchNorm running statistics are shared by all tasks and updated one forward at a time; "
+                              "use meta_learner.vectorize=loop (or auto), or base_learner.norm=batch.")
         steps = max(cfg.inner_steps, 1)
         self.step_norms = nn.ParameterDict(
             {key(n): nn.Parameter(params[n].detach().clone().expand(steps + 1, *params[n].shape).clone())
@@ -99,19 +106,36 @@ class MAML(MetaLearner):
             return self.inner_lrs[key(name)]
         return self.cfg.inner_lr
 
-    def with_step_norms(self, params: Params, step: int) -> Params:
-        """params with the BatchNorm weights and biases of inner step ``step`` (per_step_bn)."""
+    def with_step_norms(self, params: Params, step: int, tasks: int | None = None) -> Params:
+        """params with the BatchNorm weights and biases of inner step ``step`` (per_step_bn), repeated for
+        ``tasks`` tasks when the params are stacked over tasks."""
         if not self.cfg.per_step_bn:
             return params
         last = self.step_norms[key(next(iter(self.norm_names)))].shape[0] - 1
-        return {**params, **{n: self.step_norms[key(n)][min(step, last)] for n in self.norm_names}}
+        norms = {n: self.step_norms[key(n)][min(step, last)] for n in self.norm_names}
+        return {**params, **({n: p.expand(tasks, *p.shape) for n, p in norms.items()} if tasks else norms)}
 
     def support_loss(self, adapted: Params, params: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
-        return self.loss_fn(self.learner.forward_with(self.with_step_norms({**params, **adapted}, step), x, y), y)
+        """One task's support loss; with ``tasks_stacked`` params [T, ...] and x [T, n, ...], the sum of the
+        T tasks' losses (so each task's gradient is its own)."""
+        params = {**params, **adapted}
+        if self.tasks_stacked:
+            outputs = self.learner.forward_tasks(self.with_step_norms(params, step, x.shape[0]), x, y)
+            return vmap(self.loss_fn)(outputs, y).sum()
+        return self.loss_fn(self.learner.forward_with(self.with_step_norms(params, step), x, y), y)
+
+    def query_forward(self, phi: Params, x: Tensor, step: int) -> Tensor:
+        """Query outputs after ``step`` inner steps: one task's, or (``tasks_stacked``) each task's in turn,
+        stacked [T, n, out]: a task's query set is batch enough to run the kernels near their peak."""
+        if self.tasks_stacked:
+            return torch.stack([self.learner.forward_with(self.with_step_norms({n: p[t] for n, p in phi.items()}, step), xt)
+                                for t, xt in enumerate(x)])
+        return self.learner.forward_with(self.with_step_norms(phi, step), x)
 
     def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool,
               query: tuple[Tensor, Tensor] | None = None) -> tuple[Params, list[Tensor]]:
-        """``steps`` gradient steps on one task's support set (x [n, ...], y [n(, out)]).
+        """``steps`` gradient steps on one task's support set (x [n, ...], y [n(, out)]), or on every task's
+        at once when ``tasks_stacked`` (params [T, ...], x [T, n, ...]).
 
         Returns phi_S and, when ``query`` (x, y) is given, the query outputs after every step (for MSL).
         The graph of each inner gradient is kept (second order) unless ``first_order``.
@@ -127,7 +151,7 @@ class MAML(MetaLearner):
                 grads = dict(zip(adapted, torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)))
             adapted = {n: p - self.step_size(n, step) * grads[n] for n, p in adapted.items()}
             if query is not None:
-                query_outputs.append(self.learner.forward_with(self.with_step_norms({**params, **adapted}, step + 1), *query))
+                query_outputs.append(self.query_forward({**params, **adapted}, query[0], step + 1))
         return {**params, **adapted}, query_outputs
 
     def step_weights(self, steps: int) -> Tensor:
@@ -141,26 +165,36 @@ class MAML(MetaLearner):
     def task_loss(self, theta: Params, weights: Tensor | None, first_order: bool,
                   sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         """One task: adapt theta on its support set; its query loss and query outputs [n_query, out].
-        ``weights``: the multi-step loss weights, or None to score the last step only."""
+        ``weights``: the multi-step loss weights, or None to score the last step only. With ``tasks_stacked``,
+        every task at once: theta stacked [T, ...], the data [T, n, ...]; the losses [T] and outputs [T, n, out]."""
         steps = self.cfg.inner_steps
+        loss_fn = vmap(self.loss_fn) if self.tasks_stacked else self.loss_fn
         phi, per_step = self.adapt(theta, sx, sy, steps, first_order, query=None if weights is None else (qx, qy))
         if weights is not None:
-            return sum(w * self.loss_fn(out, qy) for w, out in zip(weights, per_step)), per_step[-1]
-        out = self.learner.forward_with(self.with_step_norms(phi, steps), qx, qy)
-        return self.loss_fn(out, qy), out
+            return sum(w * loss_fn(out, qy) for w, out in zip(weights, per_step)), per_step[-1]
+        out = self.query_forward(phi, qx, steps)
+        return loss_fn(out, qy), out
 
     def vectorize_mode(self, x: Tensor) -> str:
-        """``cfg.vectorize`` with ``auto`` resolved for the device of ``x``: vmap or loop."""
+        """``cfg.vectorize`` with ``auto`` resolved for the device of ``x``: vmap, grouped or loop."""
         if self.cfg.vectorize != "auto":
             return self.cfg.vectorize
         if self.learner.bn_policy == "running":
-            return "loop"  # running statistics are updated in place, which vmap cannot do
-        return "vmap" if x.is_cuda or self.learner.vmap_on_cpu else "loop"
+            return "loop"  # running statistics are updated in place, one forward at a time
+        return "vmap" if x.is_cuda else self.learner.cpu_vectorize
 
     def over_tasks(self, fn: Callable[..., Any], batch: EpisodeBatch) -> Any:
-        """``fn(support_x, support_y, query_x, query_y)`` of every task, stacked over the batch:
-        all tasks at once with ``vmap``, or one at a time (``cfg.vectorize``)."""
-        if self.vectorize_mode(batch.support_x) == "vmap" and not self.vmap_failed:
+        """``fn(support_x, support_y, query_x, query_y)`` of every task, stacked over the batch: all tasks at
+        once with ``vmap``, one at a time with ``loop``, or with ``grouped`` one call on the whole batch (``fn``
+        then gets the meta-batch's tensors [T, ...] and ``tasks_stacked`` is set)."""
+        mode = self.vectorize_mode(batch.support_x)
+        if mode == "grouped":
+            self.tasks_stacked = True
+            try:
+                return fn(*batch)
+            finally:
+                self.tasks_stacked = False
+        if mode == "vmap" and not self.vmap_failed:
             try:
                 with tasks_vmapped():
                     result = vmap(fn)(*batch)
@@ -177,21 +211,30 @@ class MAML(MetaLearner):
             return tuple(torch.stack(parts) for parts in zip(*results))
         return torch.stack(results)
 
+    def theta(self, batch: EpisodeBatch, detach: bool = False) -> Params:
+        """The meta-learned initialisation, stacked over the batch's tasks (as views) when they adapt together."""
+        theta = self.learner.params()
+        if detach:
+            theta = {n: p.detach().requires_grad_() for n, p in theta.items()}
+        if self.vectorize_mode(batch.support_x) == "grouped":
+            theta = {n: p.expand(batch.num_tasks, *p.shape) for n, p in theta.items()}
+        return theta
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         steps = self.cfg.inner_steps
         first_order = self.cfg.first_order or self.progress < self.cfg.first_order_until
         weights = self.step_weights(steps) if self.cfg.multi_step_loss and steps > 1 else None
-        task = partial(self.task_loss, self.learner.params(), weights, first_order)
+        task = partial(self.task_loss, self.theta(batch), weights, first_order)
         losses, outputs = self.over_tasks(task, batch)
         return MetaOutput(losses.mean(), outputs.detach())
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
         steps = self.cfg.test_inner_steps
-        theta = {k: v.detach().requires_grad_() for k, v in self.learner.params().items()}
+        theta = self.theta(batch, detach=True)
 
         def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
             phi, _ = self.adapt(theta, sx, sy, steps, first_order=True)
             with torch.no_grad():
-                return self.learner.forward_with(self.with_step_norms(phi, steps), qx)
+                return self.query_forward(phi, qx, steps)
 
         return self.over_tasks(task, batch)
