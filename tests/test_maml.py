@@ -258,3 +258,19 @@ def test_bf16_autocast_keeps_the_second_order_meta_gradient_close(base, vectoriz
     assert torch.isfinite(mixed).all() and mixed.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(exact, mixed, dim=0) > 0.98
     assert (mixed.norm() / exact.norm() - 1).abs() < 0.05
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "grouped"])
+def test_meta_training_queries_of_a_decoder_are_teacher_forced(vectorize):
+    """In meta-training the query targets reach the learner (an encoder-decoder reads them as its previous outputs),
+    on every inner-loop path; at meta-test they do not."""
+    maml, batch = vectorize_problem("lstm_seq2seq", vectorize)
+    theta = maml.learner.params()
+    forced, free = [], []
+    for sx, sy, qx, qy in zip(*batch):
+        phi, _ = maml.adapt(theta, sx, sy, maml.cfg.inner_steps, first_order=False)
+        forced.append(maml.learner.forward_with(phi, qx, qy))
+        free.append(maml.learner.forward_with(phi, qx))
+    forced, free = torch.stack(forced).detach(), torch.stack(free).detach()
+    assert not torch.allclose(forced, free, atol=1e-3)  # the targets change the outputs
+    assert torch.allclose(maml.meta_loss(batch).query_outputs, forced, atol=1e-5)

@@ -124,13 +124,15 @@ class MAML(MetaLearner):
             return vmap(self.loss_fn)(outputs, y).sum()
         return self.loss_fn(self.learner.forward_with(self.with_step_norms(params, step), x, y), y)
 
-    def query_forward(self, phi: Params, x: Tensor, step: int) -> Tensor:
-        """Query outputs after ``step`` inner steps: one task's, or (``tasks_stacked``) each task's in turn,
-        stacked [T, n, out]: a task's query set is batch enough to run the kernels near their peak."""
+    def query_forward(self, phi: Params, x: Tensor, step: int, targets: Tensor | None = None) -> Tensor:
+        """Query outputs after ``step`` inner steps (``targets``: teacher forcing in meta-training, see
+        ``forward_with``): one task's, or (``tasks_stacked``) each task's in turn, stacked [T, n, out]: a task's
+        query set is batch enough to run the kernels near their peak."""
         if self.tasks_stacked:
-            return torch.stack([self.learner.forward_with(self.with_step_norms({n: p[t] for n, p in phi.items()}, step), xt)
-                                for t, xt in enumerate(x)])
-        return self.learner.forward_with(self.with_step_norms(phi, step), x)
+            return torch.stack([self.learner.forward_with(self.with_step_norms({n: p[t] for n, p in phi.items()}, step),
+                                                          x[t], None if targets is None else targets[t])
+                                for t in range(x.shape[0])])
+        return self.learner.forward_with(self.with_step_norms(phi, step), x, targets)
 
     def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool,
               query: tuple[Tensor, Tensor] | None = None) -> tuple[Params, list[Tensor]]:
@@ -151,7 +153,7 @@ class MAML(MetaLearner):
                 grads = dict(zip(adapted, torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)))
             adapted = {n: p - self.step_size(n, step) * grads[n] for n, p in adapted.items()}
             if query is not None:
-                query_outputs.append(self.query_forward({**params, **adapted}, query[0], step + 1))
+                query_outputs.append(self.query_forward({**params, **adapted}, query[0], step + 1, query[1]))
         return {**params, **adapted}, query_outputs
 
     def step_weights(self, steps: int) -> Tensor:
@@ -172,7 +174,7 @@ class MAML(MetaLearner):
         phi, per_step = self.adapt(theta, sx, sy, steps, first_order, query=None if weights is None else (qx, qy))
         if weights is not None:
             return sum(w * loss_fn(out, qy) for w, out in zip(weights, per_step)), per_step[-1]
-        out = self.query_forward(phi, qx, steps)
+        out = self.query_forward(phi, qx, steps, qy)
         return loss_fn(out, qy), out
 
     def vectorize_mode(self, x: Tensor) -> str:
