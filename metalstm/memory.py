@@ -28,7 +28,7 @@ def drivers(settings: Any) -> str:
     data, meta, base = settings.data.config, settings.meta_learner.config, settings.base_learner.config
     keys = [("data", data, k) for k in ("meta_batch_size", "ways", "train_ways", "shots", "train_shots", "query",
                                           "image_size", "eval_batch_size")]
-    keys += [("meta_learner", meta, k) for k in ("inner_steps", "first_order", "hidden")]
+    keys += [("meta_learner", meta, k) for k in ("inner_steps", "first_order", "task_chunk", "hidden")]
     keys += [("base_learner", base, k) for k in ("hidden", "channels", "hidden_size")]
     shown = [f"{group}.{k}={getattr(c, k)}" for group, c, k in keys if getattr(c, k, None) is not None]
     return ", ".join(shown)
@@ -65,8 +65,10 @@ def out_of_memory(error: BaseException, settings: Any, device: torch.device, pha
     graphs = ", and with second-order MAML the inner steps' graphs" if second_order else ""
     first_order = ", or set meta_learner.first_order=true" if second_order else ""
     gpu = "" if device.type == "cuda" else ", or train on a GPU (trainer=gpu)"
+    chunk = ("meta_learner.task_chunk=1 (the same meta-gradient, one task's graph held at a time), then "
+             if hasattr(settings.meta_learner.config, "task_chunk") and phase == "meta-training" else "")
     return ResourceError(
         f"Out of memory during {phase} on {where} ({first}). Memory grows with the tasks per batch, the examples per "
-        f"task and their size, the network's width{graphs}; this run has {drivers(settings)}. Lower "
-        f"data.meta_batch_size (or data.eval_batch_size for validation and test) first{first_order}{gpu}. "
+        f"task and their size, the network's width{graphs}; this run has {drivers(settings)}. Set {chunk}lower "
+        f"data.meta_batch_size (or data.eval_batch_size for validation and test){first_order}{gpu}. "
         f"Checkpoints written so far are kept.")

@@ -57,7 +57,7 @@ WORKLOADS = {
 }
 
 
-def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, EpisodeBatch, str]:
+def workload(name: str, device: str, vectorize: str, task_chunk: int = 0) -> tuple[torch.nn.Module, EpisodeBatch, str]:
     w = WORKLOADS[name]
     if w.get("seq"):
         source = SeqTasks(SeqTasksConfig(shots=w["shots"], query=w["query"]))
@@ -81,11 +81,12 @@ def workload(name: str, device: str, vectorize: str) -> tuple[torch.nn.Module, E
         shape = f"ways={w['ways']} shots={w['shots']} query={w['query']}"
     objective = get_objective(spec["task_type"])
     learner = build_base_learner(BASE_LEARNERS.parse(w["learner"]), spec)
-    method = w.get("meta", {**MAML, "vectorize": vectorize})
+    method = w.get("meta", {**MAML, "vectorize": vectorize, "task_chunk": task_chunk})
     meta = build_meta_learner(META_LEARNERS.parse(method), learner, objective.loss, spec)
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
     meta.diagnose = False  # as the training loop runs it between the steps it logs (no gate summaries)
-    mode = f" vectorize={meta.vectorize_mode(batch.support_x)}" if hasattr(meta, "vectorize_mode") else ""
+    mode = (f" vectorize={meta.vectorize_mode(batch.support_x)} task_chunk={meta.task_chunk(batch)}"
+            if hasattr(meta, "vectorize_mode") else "")
     return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 
 
@@ -106,7 +107,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile(step: Callable[[], None], device: str, seconds: float, rows: int = 15) -> None:
+def profile(step: Callable[[], None], count: Callable[[], None], device: str, seconds: float, rows: int = 15) -> None:
     """Print the step's work (FlopCounterMode: forward, backward and double backward), its GFLOP/s against the
     measured matmul peaks, and where its time goes, by operator and input shape (torch.profiler)."""
     from torch.profiler import ProfilerActivity
@@ -115,7 +116,7 @@ def profile(step: Callable[[], None], device: str, seconds: float, rows: int = 1
 
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
+        count()
     gflop = counter.get_total_flops() / 1e9
     achieved = gflop / seconds
     fp32, bf16 = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vectorize", default="auto", choices=VECTORIZE,
                         help="MAML's meta_learner.vectorize (auto: vmap, but grouped for Conv-4 on CPU)")
+    parser.add_argument("--task-chunk", type=int, default=0, help="MAML's meta_learner.task_chunk (0: auto)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
                         help="as trainer.precision: bf16-mixed runs the step's forward under bfloat16 autocast")
     parser.add_argument("--profile", action="store_true", help="also print the step's GFLOP/s against the measured "
@@ -146,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
-    meta, batch, shape = workload(args.workload, args.device, args.vectorize)
+    meta, batch, shape = workload(args.workload, args.device, args.vectorize, args.task_chunk)
     optimizer = meta.outer_optimizer(1e-3)
 
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed",
@@ -174,7 +176,14 @@ def main() -> None:
     print(f"metalstm-{args.workload} tasks/s {statistics.median(rates):.2f} ({shape} threads={torch.get_num_threads()} "
           f"device={args.device} precision={args.precision} {peak})")
     if args.profile:
-        profile(step, args.device, batch.num_tasks / statistics.median(rates))
+        # the work is counted on the same step run one task at a time: torch's counter takes a grouped
+        # convolution's backward for a dense one (T times the work it does)
+        twin, _, _ = workload(args.workload, args.device, "loop", 1)
+
+        def count() -> None:
+            twin.meta_loss(batch).loss.backward()
+
+        profile(step, count, args.device, batch.num_tasks / statistics.median(rates))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ def meta_gradient(maml: MAML, batch: EpisodeBatch) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in maml.parameters()])
 
 
-def test_second_order_matches_finite_differences():
+@pytest.mark.parametrize("vectorize,task_chunk", [("vmap", 0), ("loop", 0), ("grouped", 0), ("grouped", 1)])
+def test_second_order_matches_finite_differences(vectorize, task_chunk):
+    """On every path: vmap (one graph), loop (auto: a task at a time, its meta-gradient taken in the forward),
+    grouped (each query's gradient taken in the forward), grouped in chunks of one task."""
     maml, batch = tiny_problem(first_order=False)
+    maml.cfg.vectorize, maml.cfg.task_chunk = vectorize, task_chunk
     analytic = meta_gradient(maml, batch)
     numeric = central_differences(lambda: maml.meta_loss(batch).loss, list(maml.parameters()))
     assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-7), (analytic - numeric).abs().max()
@@ -208,6 +212,35 @@ def test_tasks_adapted_together_give_the_per_task_loops_meta_gradient(base, opti
     assert torch.allclose(predictions, v_predictions, atol=1e-5)
 
 
+@pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])
+@pytest.mark.parametrize("mode", ["loop", "grouped"])
+def test_meta_gradient_taken_chunk_by_chunk_is_the_whole_batchs(base, options, mode):
+    """task_chunk=1 and 2 of 3 tasks (each chunk's graph freed once its gradient is taken) give vmap's one-graph
+    meta-loss, query outputs and meta-gradient, and the same parameters receive a gradient."""
+    results = {}
+    for vectorize, chunk in (("vmap", 0), (mode, 1), (mode, 2)):
+        maml, batch = vectorize_problem(base, vectorize, task_chunk=chunk, **options)
+        assert maml.task_chunk(batch) == (chunk or 3)
+        out = maml.meta_loss(batch)
+        out.loss.backward()
+        results[chunk] = (out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()])
+    (loss, outputs, grads) = results[0]
+    for chunk in (1, 2):
+        c_loss, c_outputs, c_grads = results[chunk]
+        assert torch.allclose(loss, c_loss, atol=1e-6) and torch.allclose(outputs, c_outputs, atol=1e-5)
+        assert [g is None for g in grads] == [g is None for g in c_grads] and any(g is not None for g in grads)
+        assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, c_grads))
+
+
+def test_task_chunk_auto_holds_one_task_in_a_loop_eight_grouped_all_under_vmap():
+    for vectorize, expected in (("loop", 1), ("grouped", 3), ("vmap", 3)):
+        maml, batch = vectorize_problem("conv4", vectorize)
+        assert maml.task_chunk(batch) == expected
+    maml, batch = vectorize_problem("conv4", "grouped")
+    wide = EpisodeBatch(*(t.repeat(4, *[1] * (t.dim() - 1)) for t in batch))
+    assert maml.task_chunk(wide) == 8
+
+
 @pytest.mark.parametrize("downsample,norm", [("stride", "batch"), ("maxpool", "batch"), ("maxpool", "none")])
 def test_conv4_forward_tasks_is_each_tasks_forward_with_its_own_weights(downsample, norm):
     """Conv-4's grouped forward over T tasks = forward_with per task, and so are its first and second derivatives
@@ -274,3 +307,20 @@ def test_meta_training_queries_of_a_decoder_are_teacher_forced(vectorize):
     forced, free = torch.stack(forced).detach(), torch.stack(free).detach()
     assert not torch.allclose(forced, free, atol=1e-3)  # the targets change the outputs
     assert torch.allclose(maml.meta_loss(batch).query_outputs, forced, atol=1e-5)
+
+
+def test_query_loss_weights_each_tasks_precomputed_gradient_by_its_own_upstream_gradient():
+    """QueryLoss (stacked): any upstream weighting of the per-task losses reaches each task's rows alone."""
+    from metalstm.meta.maml import QueryLoss
+
+    torch.manual_seed(0)
+    w, x, weights = torch.randn(3, 4, 2, requires_grad=True), torch.randn(3, 5, 4), torch.tensor([0.5, -2.0, 3.0])
+
+    def task(t, values):
+        out = x[t] @ values
+        return out.square().mean(), out
+
+    losses, outputs = QueryLoss.apply(lambda t, v: task(t, v), True, w)
+    (weights * losses).sum().backward()
+    expected = torch.autograd.grad((weights * torch.stack([task(t, w[t])[0] for t in range(3)])).sum(), w)[0]
+    assert torch.allclose(w.grad, expected) and outputs.shape == (3, 5, 2) and not outputs.requires_grad

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,33 @@ class MetaOutput(NamedTuple):
     loss: Tensor  # scalar meta-loss; its gradient w.r.t. the meta-parameters is the meta-gradient
     query_outputs: Tensor  # [B, n_query, out], predictions on the query sets after adaptation
     diagnostics: dict[str, Tensor] | None = None  # scalars the module logs as train/<name> (the LSTM's gates)
+
+
+class GradientInForward(torch.autograd.Function):
+    """The sum of ``fn(part)`` -> (scalar loss, outputs) over ``parts``, whose gradient w.r.t. ``params`` (the
+    leaves ``fn`` reads) is taken in the forward, part by part: only one part's graph is alive at a time, so
+    memory follows the part, not the whole. The backward scales the summed gradient; same result as one
+    backward through every part's graph. Outputs: ``fn``'s, concatenated (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, parts: Sequence[Any], fn: Callable[[Any], tuple[Tensor, Tensor]],
+                *params: Tensor) -> tuple[Tensor, Tensor]:
+        total, outputs, grads = None, [], [None] * len(params)
+        for part in parts:
+            with torch.enable_grad():
+                loss, out = fn(part)
+                part_grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [g if d is None else d if g is None else g + d for g, d in zip(grads, part_grads)]
+            total = loss.detach() if total is None else total + loss.detach()
+            outputs.append(out.detach())
+        ctx.grads = grads
+        out = torch.cat(outputs)
+        ctx.mark_non_differentiable(out)
+        return total, out
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        return None, None, *(None if g is None else g * grad_loss for g in ctx.grads)  # None: a leaf fn never read
 
 
 class MetaLearner(nn.Module, ABC):

@@ -34,7 +34,7 @@ from metalstm.config import choice, count, fraction, positive
 from metalstm.core import EpisodeBatch, TaskSpec
 from metalstm.errors import ConfigError
 from metalstm.learners.base import BaseLearner, Params, in_tasks_vmap, tasks_vmapped
-from metalstm.meta.base import LossFn, MetaConfig, MetaLearner, MetaOutput, key
+from metalstm.meta.base import GradientInForward, LossFn, MetaConfig, MetaLearner, MetaOutput, key
 
 LEARNED_LR = ("none", "per_layer_per_step", "per_parameter")
 VECTORIZE = ("auto", "vmap", "loop", "grouped")
@@ -61,6 +61,42 @@ class MAMLConfig(MetaConfig):
     # at a time; auto: vmap, grouped for Conv-4 on a CPU, loop with BatchNorm running statistics
     # (measured, docs/performance.md). Same meta-gradient.
     vectorize: str = choice("auto", VECTORIZE)
+    # tasks whose graphs are held at once: the meta-gradient is taken chunk by chunk as the meta-loss is computed
+    # (the same gradient; memory follows the chunk, not the meta-batch). 0: auto, one task at a time with loop, 8 with
+    # grouped (W1 on a CPU: 4 % slower than 32, half the memory; docs/performance.md), the whole meta-batch with vmap
+    task_chunk: int = count(0, minimum=0)
+
+
+class QueryLoss(torch.autograd.Function):
+    """``task(t, *values)`` -> (loss, outputs) of one task (``stacked``: values [T, ...], task t reads row t; else
+    one task, t None), whose gradient w.r.t. ``values`` is computed in the forward, task by task: the query
+    graph is freed before the next task's forward, and the meta-backward only scales the stored gradient.
+    Exact: the query loss is differentiated once (phi -> loss); the second-order part is phi's own graph."""
+
+    @staticmethod
+    def forward(ctx: Any, task: Callable[..., tuple[Tensor, Tensor]], stacked: bool,
+                *values: Tensor) -> tuple[Tensor, Tensor]:
+        losses, outputs, grads = [], [], []
+        for t in range(values[0].shape[0]) if stacked else [None]:
+            with torch.enable_grad():
+                leaves = [(v if t is None else v[t]).detach().requires_grad_(v.requires_grad) for v in values]
+                loss, out = task(t, *leaves)
+                wanted = [leaf for leaf in leaves if leaf.requires_grad]
+                found = iter(torch.autograd.grad(loss, wanted, materialize_grads=True) if wanted else [])
+                grads.append([next(found) if leaf.requires_grad else None for leaf in leaves])
+            losses.append(loss.detach())
+            outputs.append(out.detach())
+        ctx.grads = [None if per_value[0] is None else torch.stack(per_value) if stacked else per_value[0]
+                     for per_value in zip(*grads)]
+        loss, out = (torch.stack(losses), torch.stack(outputs)) if stacked else (losses[0], outputs[0])
+        ctx.mark_non_differentiable(out)
+        return loss, out
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        # grad_loss: a scalar, or [T] (task t's gradient is in row t of each value)
+        return None, None, *(None if g is None else g * grad_loss.reshape(*grad_loss.shape, *[1] * (g.dim() - grad_loss.dim()))
+                             for g in ctx.grads)
 
 
 class MAML(MetaLearner):
@@ -125,25 +161,42 @@ class MAML(MetaLearner):
         return self.loss_fn(self.learner.forward_with(self.with_step_norms(params, step), x, y), y)
 
     def query_forward(self, phi: Params, x: Tensor, step: int, targets: Tensor | None = None) -> Tensor:
-        """Query outputs after ``step`` inner steps (``targets``: teacher forcing in meta-training, see
-        ``forward_with``): one task's, or (``tasks_stacked``) each task's in turn, stacked [T, n, out]: a task's
-        query set is batch enough to run the kernels near their peak."""
+        """One task's query outputs after ``step`` inner steps (``targets``: teacher forcing in meta-training, see
+        ``forward_with``); with ``tasks_stacked``, each task's in turn, stacked [T, n, out]: a task's query set is
+        batch enough to run the kernels near their peak."""
         if self.tasks_stacked:
             return torch.stack([self.learner.forward_with(self.with_step_norms({n: p[t] for n, p in phi.items()}, step),
                                                           x[t], None if targets is None else targets[t])
                                 for t in range(x.shape[0])])
         return self.learner.forward_with(self.with_step_norms(phi, step), x, targets)
 
+    def query_loss(self, phi: Params, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Meta-training's query loss after ``step`` inner steps and the query outputs [(T,) n, out]: one task's, or
+        with ``tasks_stacked`` each task's [T]. Outside vmap the loss's gradient w.r.t. phi is taken here, task by
+        task (``QueryLoss``), so a query set's graph lives only while its own forward and backward run."""
+        if in_tasks_vmap():
+            out = self.query_forward(phi, x, step, y)
+            return self.loss_fn(out, y), out
+        phi = self.with_step_norms(phi, step, x.shape[0] if self.tasks_stacked else None)
+        names = list(phi)
+
+        def task(t: int | None, *values: Tensor) -> tuple[Tensor, Tensor]:
+            qx, qy = (x, y) if t is None else (x[t], y[t])
+            out = self.learner.forward_with(dict(zip(names, values)), qx, qy)
+            return self.loss_fn(out, qy), out
+
+        return QueryLoss.apply(task, self.tasks_stacked, *phi.values())
+
     def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool,
               query: tuple[Tensor, Tensor] | None = None) -> tuple[Params, list[Tensor]]:
         """``steps`` gradient steps on one task's support set (x [n, ...], y [n(, out)]), or on every task's
         at once when ``tasks_stacked`` (params [T, ...], x [T, n, ...]).
 
-        Returns phi_S and, when ``query`` (x, y) is given, the query outputs after every step (for MSL).
+        Returns phi_S and, when ``query`` (x, y) is given, the query losses and outputs after every step (MSL).
         The graph of each inner gradient is kept (second order) unless ``first_order``.
         """
         adapted = {n: params[n] for n in self.adapted}
-        query_outputs = []
+        query_losses = []
         for step in range(steps):
             if in_tasks_vmap():  # functorch's grad: per task under vmap
                 grads = grad(self.support_loss)(adapted, params, x, y, step)
@@ -153,8 +206,8 @@ class MAML(MetaLearner):
                 grads = dict(zip(adapted, torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)))
             adapted = {n: p - self.step_size(n, step) * grads[n] for n, p in adapted.items()}
             if query is not None:
-                query_outputs.append(self.query_forward({**params, **adapted}, query[0], step + 1, query[1]))
-        return {**params, **adapted}, query_outputs
+                query_losses.append(self.query_loss({**params, **adapted}, *query, step + 1))
+        return {**params, **adapted}, query_losses
 
     def step_weights(self, steps: int) -> Tensor:
         """Multi-step loss weights: uniform at the start, annealed onto the last step."""
@@ -170,12 +223,10 @@ class MAML(MetaLearner):
         ``weights``: the multi-step loss weights, or None to score the last step only. With ``tasks_stacked``,
         every task at once: theta stacked [T, ...], the data [T, n, ...]; the losses [T] and outputs [T, n, out]."""
         steps = self.cfg.inner_steps
-        loss_fn = vmap(self.loss_fn) if self.tasks_stacked else self.loss_fn
         phi, per_step = self.adapt(theta, sx, sy, steps, first_order, query=None if weights is None else (qx, qy))
         if weights is not None:
-            return sum(w * loss_fn(out, qy) for w, out in zip(weights, per_step)), per_step[-1]
-        out = self.query_forward(phi, qx, steps, qy)
-        return loss_fn(out, qy), out
+            return sum(w * loss for w, (loss, _) in zip(weights, per_step)), per_step[-1][1]
+        return self.query_loss(phi, qx, qy, steps)
 
     def vectorize_mode(self, x: Tensor) -> str:
         """``cfg.vectorize`` with ``auto`` resolved for the device of ``x``: vmap, grouped or loop."""
@@ -222,13 +273,29 @@ class MAML(MetaLearner):
             theta = {n: p.expand(batch.num_tasks, *p.shape) for n, p in theta.items()}
         return theta
 
+    def task_chunk(self, batch: EpisodeBatch) -> int:
+        """How many of the batch's tasks hold their graphs at once (``cfg.task_chunk``, auto resolved)."""
+        if self.cfg.task_chunk:
+            return min(self.cfg.task_chunk, batch.num_tasks)
+        mode = self.vectorize_mode(batch.support_x)
+        return {"loop": 1, "grouped": min(8, batch.num_tasks)}.get(mode, batch.num_tasks)
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         steps = self.cfg.inner_steps
         first_order = self.cfg.first_order or self.progress < self.cfg.first_order_until
         weights = self.step_weights(steps) if self.cfg.multi_step_loss and steps > 1 else None
-        task = partial(self.task_loss, self.theta(batch), weights, first_order)
-        losses, outputs = self.over_tasks(task, batch)
-        return MetaOutput(losses.mean(), outputs.detach())
+
+        def chunk(rows: EpisodeBatch) -> tuple[Tensor, Tensor]:  # the chunk's share of the mean loss, its outputs
+            losses, outputs = self.over_tasks(partial(self.task_loss, self.theta(rows), weights, first_order), rows)
+            return losses.sum() / batch.num_tasks, outputs
+
+        size = self.task_chunk(batch)
+        if size == batch.num_tasks:
+            loss, outputs = chunk(batch)
+        else:
+            chunks = [EpisodeBatch(*(t[i : i + size] for t in batch)) for i in range(0, batch.num_tasks, size)]
+            loss, outputs = GradientInForward.apply(chunks, chunk, *(p for p in self.parameters() if p.requires_grad))
+        return MetaOutput(loss, outputs.detach())
 
     def predict(self, batch: EpisodeBatch) -> Tensor:
         steps = self.cfg.test_inner_steps
