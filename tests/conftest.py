@@ -151,6 +151,43 @@ def make_mini_imagenet(root: Path, form: str, classes: tuple[int, int, int] = (6
     return root
 
 
+def ts_series(class_id: int, index: int, length: int, dims: int = 1) -> list[list[float]]:
+    """A class-shaped noisy curve: class c is a sine of frequency c + 1, each series shifted and scaled."""
+    g = torch.Generator().manual_seed(1000 * class_id + index)
+    t = torch.linspace(0, 1, length)
+    return [((2 + d) * torch.sin(2 * torch.pi * (class_id + 1) * t + 0.3 * d) * (1 + torch.rand(1, generator=g))
+             + 5 * torch.rand(1, generator=g) + 0.05 * torch.randn(length, generator=g)).tolist() for d in range(dims)]
+
+
+def make_timeseries(root: Path) -> Path:
+    """A tiny archive in the UCR/UEA layout: SetA (.ts, 6 classes, variable length 12-30 with a missing value),
+    SetB (.tsv, 4 classes, length 20), SetC (.ts, 2 dimensions, 3 classes); 6 series per class, 3 in each file."""
+    for name, classes, dims, suffix in (("SetA", 6, 1, ".ts"), ("SetB", 4, 1, ".tsv"), ("SetC", 3, 2, ".ts")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for part, first in (("TRAIN", 0), ("TEST", 3)):
+            lines = []
+            for c in range(classes):
+                for i in range(first, first + 3):
+                    length = 12 + 3 * ((c + i) % 7) if name == "SetA" else 20
+                    series = ts_series(c + 10 * dims, i, length, dims)
+                    if suffix == ".tsv":
+                        lines.append("\t".join([str(c + 1)] + [f"{v:.6f}" for v in series[0]]))
+                        continue
+                    values = [",".join(f"{v:.6f}" for v in dim) for dim in series]
+                    if name == "SetA" and c == 0 and i == 1:
+                        values[0] = values[0].replace(values[0].split(",")[4], "?", 1)
+                    lines.append(":".join(values) + f":c{c}")
+            header = [] if suffix == ".tsv" else ["# a generated test set", f"@problemName {name}", "@timeStamps false",
+                                                   f"@univariate {str(dims == 1).lower()}", "@data"]
+            (root / name / f"{name}_{part}{suffix}").write_text("\n".join(header + lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def timeseries_fixture(tmp_path_factory) -> Path:
+    return make_timeseries(tmp_path_factory.mktemp("timeseries"))
+
+
 @pytest.fixture(scope="session")
 def omniglot_fixture(tmp_path_factory) -> Path:
     """30 background + 10 evaluation characters, 20 drawings each, as the two official zips; beside

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, fixture_overrides
+from conftest import CONFIG_DIR, fixture_overrides, make_timeseries
 from metalstm.assembly import build
 from metalstm.config import default_of, rule_of
 from metalstm.core import PAD, EpisodeBatch
@@ -86,6 +86,9 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
         overrides.append("base_learner.filters=8")
     if data in ("omniglot", "omniglot_strokes"):
         overrides += fixture_overrides(root, cache, data)
+    if data == "timeseries":
+        overrides += [f"data.root={make_timeseries(tmp_path / 'timeseries')}", "data.sets=[SetA,SetB,SetC]",
+                      "data.channels=2", "data.length=16", "data.ways=2"]
     if base.startswith("lstm"):
         overrides += ["base_learner.hidden=8", "base_learner.input_dim=4"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -435,16 +438,20 @@ def test_reptile_carries_adams_second_moment_across_tasks():
     assert not torch.allclose(fresh_phi["head.weight"], phi["head.weight"])
 
 
-def test_protonet_classifies_by_distance_to_class_means():
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_protonet_classifies_by_distance_to_class_means(norm):
+    """Without batch statistics the meta-batch is embedded in one pass, with them task by task: the same logits."""
     spec = {"task_type": "classification", "input_shape": (1, 4, 4), "output_dim": 5}
     torch.manual_seed(0)
-    proto = ProtoNet(MLP(MLPConfig(hidden=[8]), spec), Classification().loss, spec, ProtoNetConfig())
-    sx, sy, qx, _ = (t[0] for t in image_tasks(shots=3).sample("test", 1, torch.Generator().manual_seed(0)))
-    logits = proto.logits(sx, sy, qx, 5)
-    z = proto.learner.embed_with(proto.learner.params(), torch.cat([sx, qx]))
-    means = torch.stack([z[: len(sx)][sy == k].mean(0) for k in range(5)])
-    expected = -((z[len(sx):, None, :] - means[None]) ** 2).sum(-1)
-    assert torch.allclose(logits, expected, atol=1e-4)
+    learner = Conv4(Conv4Config(filters=4, blocks=2, norm=norm), spec)
+    proto = ProtoNet(learner, Classification().loss, spec, ProtoNetConfig())
+    batch = image_tasks(shots=3).sample("test", 2, torch.Generator().manual_seed(0))
+    logits = proto.all_logits(batch)
+    for t, (sx, sy, qx, _) in enumerate(zip(*batch)):
+        z = proto.learner.embed_with(proto.learner.params(), torch.cat([sx, qx]))
+        means = torch.stack([z[: len(sx)][sy == k].mean(0) for k in range(5)])
+        expected = -((z[len(sx):, None, :] - means[None]) ** 2).sum(-1)
+        assert torch.allclose(logits[t], expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("labels", ["previous", "current"])

@@ -18,6 +18,7 @@ from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot_strokes
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
+from metalstm.data.timeseries import TimeSeriesConfig, build_timeseries
 from metalstm.errors import ConfigError
 
 # name -> (config dataclass, builder: config -> TaskSource)
@@ -29,6 +30,7 @@ DATASETS.register("omniglot_strokes", OmniglotStrokesConfig, build_omniglot_stro
 DATASETS.register("seq_tasks", SeqTasksConfig, SeqTasks)
 DATASETS.register("image_folder", ImageFolderConfig, build_image_folder)
 DATASETS.register("mini_imagenet", MiniImageNetConfig, build_mini_imagenet)
+DATASETS.register("timeseries", TimeSeriesConfig, build_timeseries)
 
 
 class FewShotDataModule(pl.LightningDataModule):

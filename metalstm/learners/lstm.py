@@ -53,8 +53,9 @@ class LSTMLayer(nn.Module):
             state = (zeros, zeros)
         projected = x @ self.weight_ih.T  # every step's input projection at once; the recurrence is a loop
         outputs = []
-        for t in range(x.shape[1]):
-            new = self.cell(projected[:, t], state)
+        # unbind, not projected[:, t]: the backward of T selects writes T full-size zero tensors (quadratic in T)
+        for t, step_input in enumerate(projected.unbind(1)):
+            new = self.cell(step_input, state)
             if mask is not None:
                 keep = mask[:, t, None]
                 new = (torch.where(keep, new[0], state[0]), torch.where(keep, new[1], state[1]))
@@ -84,12 +85,16 @@ class SequenceInput(nn.Module):
         super().__init__()
         shape = tuple(spec["input_shape"])
         self.tokens = spec.get("vocab") is not None
-        self.embed = nn.Embedding(spec["vocab"], input_dim) if self.tokens else nn.Linear(shape[1], input_dim)
+        self.step_mask = bool(spec.get("step_mask"))  # the last feature of each step: 1 observed, 0 padding
+        features = shape[1] - self.step_mask if len(shape) == 2 else None
+        self.embed = nn.Embedding(spec["vocab"], input_dim) if self.tokens else nn.Linear(features, input_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """-> (inputs [n, L, input_dim], mask [n, L] or None)."""
         if self.tokens:
             return self.embed(x), x != PAD
+        if self.step_mask:
+            return self.embed(x[..., :-1]), x[..., -1] > 0.5
         return self.embed(x), None
 
 

@@ -30,18 +30,22 @@ class ProtoNet(MetaLearner):
     def __init__(self, learner, loss_fn, spec, cfg: ProtoNetConfig):
         super().__init__(learner, loss_fn)
 
-    def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
-        """One task: support [n_s, ...], labels [n_s] in 0..ways-1, query [n_q, ...] -> logits [n_q, ways]."""
-        # support and query go through the network as one batch, as in the paper's code
-        z = self.learner.embed_with(self.learner.params(), torch.cat([support_x, query_x]))
-        z_support, z_query = z[: len(support_x)], z[len(support_x) :]
-        one_hot = F.one_hot(support_y, ways).to(z.dtype)  # [n_s, ways]
-        prototypes = (one_hot.T @ z_support) / one_hot.sum(0).clamp(min=1).unsqueeze(1)
+    def logits(self, z_support: Tensor, support_y: Tensor, z_query: Tensor, ways: int) -> Tensor:
+        """Embeddings of support [(T,) n_s, d] with labels [(T,) n_s] in 0..ways-1 and query [(T,) n_q, d] ->
+        logits [(T,) n_q, ways]."""
+        one_hot = F.one_hot(support_y, ways).to(z_support.dtype)  # [(T,) n_s, ways]
+        prototypes = (one_hot.transpose(-1, -2) @ z_support) / one_hot.sum(-2).clamp(min=1).unsqueeze(-1)
         return -torch.cdist(z_query, prototypes).pow(2)
 
     def all_logits(self, batch: EpisodeBatch) -> Tensor:
         ways = int(batch.support_y.max()) + 1  # the tasks' own class count (labels are 0..ways-1 in every task)
-        return torch.stack([self.logits(sx, sy, qx, ways) for sx, sy, qx, _ in zip(*batch)])
+        n_support, params = batch.support_x.shape[1], self.learner.params()
+        x = torch.cat([batch.support_x, batch.query_x], 1)  # support and query as one batch, as in the paper's code
+        if self.learner.bn_policy == "none":  # no batch statistics: the whole meta-batch through the network at once
+            z = self.learner.embed_with(params, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        else:  # BatchNorm normalises over one task's examples
+            z = torch.stack([self.learner.embed_with(params, task) for task in x])
+        return self.logits(z[:, :n_support], batch.support_y, z[:, n_support:], ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         outputs = self.all_logits(batch)
