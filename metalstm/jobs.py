@@ -43,7 +43,7 @@ from metalstm.cli import experiment_name, remove_empty_run, remove_resume_config
 from metalstm.data import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
 from metalstm.files import FolderInUse, run_lock, write_json
-from metalstm.memory import check_batch_fits, is_out_of_memory, out_of_memory
+from metalstm.memory import GIB, check_batch_fits, is_out_of_memory, memory_kind, out_of_memory, peak_bytes, reset_peak
 from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
 
@@ -119,6 +119,20 @@ def speed(steps: int, meta_batch_size: int, seconds: float) -> dict[str, float]:
     """Meta-training throughput of this invocation (a resumed run counts its own steps only)."""
     per_second = steps / max(seconds, 1e-9)
     return {"steps_per_second": round(per_second, 2), "tasks_per_second": round(per_second * meta_batch_size, 1)}
+
+
+def peak_memory(device: torch.device, **earlier: int) -> dict[str, Any]:
+    """results.json's peak memory (GB) of each phase: ``earlier`` phases' bytes, and meta-testing's (now)."""
+    phases = {**earlier, "meta_testing": peak_bytes(device)}
+    return {"peak_memory_gb": {k: None if v is None else round(v / GIB, 2) for k, v in phases.items()},
+            "peak_memory_kind": memory_kind(device)}
+
+
+def memory_line(memory: dict[str, Any]) -> str:
+    kind = {"gpu_allocated": "allocated on the GPU", "cpu_resident": "resident, the whole process"}
+    phases = ", ".join(f"{gb} GB {phase.replace('_', '-')}" for phase, gb in memory["peak_memory_gb"].items()
+                       if gb is not None)
+    return f"peak {phases} ({kind[memory['peak_memory_kind']]})" if phases else "peak unknown on this system"
 
 
 def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, config: dict, **extra: Any) -> dict:
@@ -199,6 +213,7 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
              config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
 
     fit_started = time.time()
+    reset_peak(device)
     try:
         with stop_on_sigint() as interrupts, explained_out_of_memory(settings, device, "meta-training"):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -214,10 +229,13 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     test_started = time.time()
+    train_peak = max(module.peak_memory, peak_bytes(module.device) or 0)
+    reset_peak(module.device)
     stopped = f"training ended at step {trainer.global_step}; test it with: python eval.py run_dir={output_dir}"
     with stopped_test(trainer, stopped, config["paths"]["log_dir"]), explained_out_of_memory(settings, device, "meta-testing"):
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_seconds = time.time() - test_started
+    memory = peak_memory(module.device, meta_training=train_peak)
     if trainer.global_rank != 0:
         return None
     score = checkpoint.best_model_score if checkpoint is not None else None
@@ -233,6 +251,7 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
         total_seconds=round(time.time() - started, 1),
         device=str(module.device),
         resumed_at_step=resume_step,
+        **memory,
     )
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
@@ -249,7 +268,7 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
         tested = "none: no validation ran, so the final weights were tested"
     print(f"\n{line}\n  run folder:  {output_dir}\n  checkpoint:  {tested}\n  results:     {output_dir / 'results.json'}\n"
           f"  speed:       {results['steps_per_second']} steps/s, {results['tasks_per_second']} tasks/s (meta-training, "
-          f"validation included); test {results['test_seconds']} s")
+          f"validation included); test {results['test_seconds']} s\n  memory:      {memory_line(memory)}")
     return best_score
 
 
@@ -293,13 +312,14 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict:
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=loggers or False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False)
     test_started = time.time()
+    reset_peak(training_device(cfg.accelerator))
     with stopped_test(trainer, "nothing was written", cfg.paths.log_dir), \
             explained_out_of_memory(settings, training_device(cfg.accelerator), "meta-testing"):
         trainer.test(module, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     results = results_record(module, datamodule, config, checkpoint=str(path.resolve()),
                              run_dir=str(path.resolve().parent.parent), device=str(module.device),
-                             test_seconds=round(time.time() - test_started, 1))
+                             test_seconds=round(time.time() - test_started, 1), **peak_memory(module.device))
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
     summary_log.info("%s  [results: %s]", line, output_dir / "results.json")

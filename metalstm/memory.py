@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -21,6 +22,40 @@ def available_bytes(device: torch.device) -> int | None:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """The peak memory since the last ``reset_peak``: allocated by torch on a GPU, the process's resident set on a
+    CPU (Linux: VmHWM; elsewhere the process's lifetime peak); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            import resource
+        except ImportError:  # not Unix
+            return None
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak at the present use (a GPU's allocator statistics; on Linux the resident high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def memory_kind(device: torch.device) -> str:
+    return "gpu_allocated" if device.type == "cuda" else "cpu_resident"
 
 
 def drivers(settings: Any) -> str:

@@ -14,6 +14,7 @@ from metalstm.checkpointing import CHECKPOINT_FORMAT
 from metalstm.config import Config, choice, count, defaults_of, fraction, positive, setting, store
 from metalstm.core import EpisodeBatch
 from metalstm.errors import ConfigError, MetalstmError
+from metalstm.memory import GIB, peak_bytes, reset_peak
 from metalstm.meta.base import MetaLearner
 from metalstm.objectives import Objective, normal_ci95
 
@@ -57,6 +58,7 @@ class MetaLearningModule(pl.LightningModule):
         self.config = config or {}
         self.spec = dict(spec or {})  # the TaskSpec it was built for: load_learner rebuilds it without the data
         self.last_finite_loss: float | None = None
+        self.peak_memory = 0  # bytes: the largest train/peak_memory_gb logged (memory.peak_bytes)
         self._per_task: dict[str, list[Tensor]] = {}
         self.test_summary: dict[str, float] = {}
 
@@ -99,6 +101,12 @@ class MetaLearningModule(pl.LightningModule):
             self.log(f"train/{name}", values.mean(), prog_bar=True, batch_size=batch.num_tasks)
         for name, value in (out.diagnostics or {}).items():
             self.log(f"train/{name}", value, batch_size=batch.num_tasks)
+        if self.meta_learner.diagnose:  # a step whose metrics are written: the peak since the last one, in GB
+            peak = peak_bytes(self.device)
+            if peak is not None:
+                self.peak_memory = max(self.peak_memory, peak)
+                self.log("train/peak_memory_gb", peak / GIB, batch_size=batch.num_tasks)
+                reset_peak(self.device)
         return out.loss.detach()
 
     def logs_this_step(self) -> bool:

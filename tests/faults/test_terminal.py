@@ -111,10 +111,14 @@ def test_a_short_run_is_quiet_logs_its_last_step_and_reports_its_speed(tmp_path)
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 30 and results["steps_per_second"] > 0 and results["test_seconds"] >= 0
     assert results["tasks_per_second"] > results["steps_per_second"]  # 25 tasks a step
+    peaks = results["peak_memory_gb"]  # the process's resident set: at least the torch it loaded
+    assert results["peak_memory_kind"] == "cpu_resident" and 0.1 < peaks["meta_training"] < 64
+    assert 0.1 < peaks["meta_testing"] < 64 and "GB meta-training" in result.stdout
     assert "test/mse" in (run / "train.log").read_text()
     with open(run / "csv" / "metrics.csv") as f:  # log_every_n_steps is 50: the last step is written anyway
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [29] and float(rows[0]["train/loss"]) > 0.1  # an untrained sinusoid MSE
+    assert 0.1 < float(rows[0]["train/peak_memory_gb"]) <= peaks["meta_training"] + 0.01
 
 
 def test_a_batch_larger_than_the_memory_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch):
