@@ -323,5 +323,5 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict:
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)
     summary_log.info("%s  [results: %s]", line, output_dir / "results.json")
-    print(f"{line}, test {results['test_seconds']} s")
+    print(f"{line}, test {results['test_seconds']} s, memory {memory_line(results)}")
     return results
