@@ -19,7 +19,8 @@ CONFIG = {
     "seed": 3,
     "data": {"name": "sinusoid", "shots": 5, "query": 5, "meta_batch_size": 4, "val_tasks": 2, "test_tasks": 2},
     "base_learner": {"name": "mlp", "hidden": [16, 16]},
-    "meta_learner": {"name": "maml", "inner_lr": 0.1, "inner_steps": 2},
+    # loop: a task at a time, each meta-gradient taken in the forward (task_chunk): DDP sees one ordinary backward
+    "meta_learner": {"name": "maml", "inner_lr": 0.1, "inner_steps": 2, "vectorize": "loop"},
     "optim": {"meta_lr": 0.001},
 }
 
