@@ -89,6 +89,9 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
     if data == "timeseries":
         overrides += [f"data.root={make_timeseries(tmp_path / 'timeseries')}", "data.sets=[SetA,SetB,SetC]",
                       "data.channels=2", "data.length=16", "data.ways=2"]
+    if data == "series_forecast":
+        overrides += [f"data.root={make_timeseries(tmp_path / 'timeseries')}", "data.sets=[SetA,SetC]", "data.context=4",
+                      "data.horizon=2", "data.shots=2", "data.query=2", "data.eval_query=2", "data.support_fraction=0.5"]
     if base.startswith("lstm"):
         overrides += ["base_learner.hidden=8", "base_learner.input_dim=4"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -17,6 +17,7 @@ from metalstm.data.mini_imagenet import MiniImageNetConfig, build_mini_imagenet
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot
 from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot_strokes
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
+from metalstm.data.series_forecast import SeriesForecastConfig, build_series_forecast
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
 from metalstm.data.timeseries import TimeSeriesConfig, build_timeseries
 from metalstm.errors import ConfigError
@@ -31,6 +32,7 @@ DATASETS.register("seq_tasks", SeqTasksConfig, SeqTasks)
 DATASETS.register("image_folder", ImageFolderConfig, build_image_folder)
 DATASETS.register("mini_imagenet", MiniImageNetConfig, build_mini_imagenet)
 DATASETS.register("timeseries", TimeSeriesConfig, build_timeseries)
+DATASETS.register("series_forecast", SeriesForecastConfig, build_series_forecast)
 
 
 class FewShotDataModule(pl.LightningDataModule):
