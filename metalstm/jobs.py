@@ -136,7 +136,7 @@ def memory_line(memory: dict[str, Any]) -> str:
 
 
 def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, config: dict, **extra: Any) -> dict:
-    return {
+    record = {
         "metrics": module.test_summary,
         "num_tasks": int(module.test_summary.get("test/num_tasks", 0)),
         "bn_policy": module.meta_learner.bn_policy,
@@ -149,6 +149,10 @@ def results_record(module: MetaLearningModule, datamodule: FewShotDataModule, co
         "torch": torch.__version__,
         **extra,
     }
+    if hasattr(datamodule.source, "reference_metrics"):  # a trivial predictor on the same test tasks (naive forecast)
+        e = datamodule.episodes
+        record["reference"] = datamodule.source.reference_metrics(e.test_tasks, e.episode_seed)
+    return record
 
 
 # --------------------------------------------------------------------------------------- train

@@ -25,7 +25,9 @@ def test_windows_stay_on_their_side_of_the_cut_and_are_scaled_by_the_naive_forec
         for x, y in ((batch.support_x, batch.support_y), (batch.query_x, batch.query_y)):
             assert torch.allclose(x[..., 0], torch.arange(-7.0, 1.0).expand_as(x[..., 0]), atol=1e-4)
             assert torch.allclose(y[..., 0], torch.arange(1.0, 5.0).expand_as(y[..., 0]), atol=1e-4)
-    assert tasks.naive_mase() == pytest.approx(2.5)  # repeating the last value: mean of 1..4 in MASE units
+    naive = tasks.reference_metrics(num_tasks=7, episode_seed=0)["naive_forecast"]  # the last value repeated:
+    assert naive["test/point_error"] == pytest.approx(2.5) and naive["test/point_error_ci95"] < 1e-6  # mean of 1..4
+    assert naive["test/mse"] == pytest.approx(7.5)  # mean of 1, 4, 9, 16
     splits = [set(tasks.splits[s].tolist()) for s in ("train", "val", "test")]
     assert set.union(*splits) == set(range(6)) and sum(map(len, splits)) == 6
 
@@ -57,3 +59,8 @@ def test_a_folder_of_ts_files_gives_one_task_per_series(timeseries_fixture):
     batch = tasks.sample("test", 3, torch.Generator().manual_seed(0))
     assert batch.support_x.shape == (3, 2, 4, 1) and batch.query_y.shape == (3, 2, 2, 1)
     assert tasks.describe()["series"] == {"train": 32, "val": 11, "test": 11}
+    naive = tasks.reference_metrics(num_tasks=5, episode_seed=3)["naive_forecast"]
+    from metalstm.data.episodes import FixedEpisodes
+    episodes = FixedEpisodes(tasks, "test", 5, 5, 3)
+    expected = torch.stack([episodes.task(i).query_y.abs().mean() for i in range(5)]).mean()
+    assert naive["test/point_error"] == pytest.approx(expected.item())  # the fixed test tasks, as the test draws them

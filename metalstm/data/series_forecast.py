@@ -10,7 +10,7 @@ Each window is scaled by its own naive forecast: the last observed value is subt
 the in-sample mean absolute error of the seasonal naive forecast (lag ``season``) over the context (floored at a
 tenth of the series' own, so flat stretches do not divide by zero). In these units the mean absolute error of a
 forecast is its MASE, and the naive forecast (repeat the last value, 0 here) is the reference: ``point_error``
-is the MASE, and ``describe()`` reports the naive forecast's MASE on the test split.
+is the MASE; results.json's ``reference`` scores the naive forecast on the same test tasks.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from torch import Tensor
 
 from metalstm.config import count, fraction, setting
 from metalstm.core import TaskSpec
-from metalstm.data.episodes import EpisodeBatch, EpisodeConfig
+from metalstm.data.episodes import EpisodeBatch, EpisodeConfig, FixedEpisodes
 from metalstm.data.timeseries import bundled_root, fill_missing, read_table, read_ts, set_files
 from metalstm.errors import DataError
+from metalstm.objectives import normal_ci95
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,16 @@ class SeriesForecastTasks:
         qx, qy = self.windows(chosen, cuts, ends - window + 1, query, generator)
         return EpisodeBatch(sx, sy, qx, qy)
 
-    def naive_mase(self, split: str = "test", num_tasks: int = 600, seed: int = 0) -> float:
-        """The MASE of the naive forecast (the last value repeated: 0 in scaled units) on ``split``'s query windows."""
-        batch = self.sample(split, num_tasks, torch.Generator().manual_seed(seed))
-        return batch.query_y.abs().mean().item()
+    def reference_metrics(self, num_tasks: int, episode_seed: int) -> dict[str, dict[str, float]]:
+        """The naive forecast (the last value repeated: 0 in scaled units) on the fixed test tasks, as the test
+        scores a learner: per-task MSE and MASE (point_error), their means and 95 % CIs."""
+        episodes = FixedEpisodes(self, "test", num_tasks, 1, episode_seed)
+        targets = torch.stack([episodes.task(i).query_y[0] for i in episodes.indices])  # [tasks, n, horizon, 1]
+        scores = {"test/mse": targets.square().flatten(1).mean(1), "test/point_error": targets.abs().flatten(1).mean(1)}
+        naive = {}
+        for name, values in scores.items():
+            naive[name], naive[f"{name}_ci95"] = normal_ci95(values)
+        return {"naive_forecast": naive}
 
     def describe(self) -> dict:
         cfg = self.cfg
@@ -158,7 +165,7 @@ class SeriesForecastTasks:
                 "context": cfg.context, "horizon": cfg.horizon, "shots": cfg.shots, "query": cfg.query,
                 "eval_query": cfg.eval_query, "season": cfg.season, "support_fraction": cfg.support_fraction,
                 "split_seed": cfg.split_seed, "series": {s: len(v) for s, v in self.splits.items()},
-                "left_out_series": len(self.left_out), "naive_test_mase": round(self.naive_mase(), 4)}
+                "left_out_series": len(self.left_out)}
 
 
 def build_series_forecast(cfg: SeriesForecastConfig) -> SeriesForecastTasks:
