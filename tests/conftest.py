@@ -183,6 +183,15 @@ def make_timeseries(root: Path) -> Path:
     return root
 
 
+def timeseries_overrides(data: str, root: Path) -> list[str]:
+    """Point a time-series experiment (data=timeseries or series_forecast) at the tiny archive ``make_timeseries``
+    wrote in ``root``, with windows, lengths and ways its short series allow."""
+    if data == "timeseries":
+        return [f"data.root={root}", "data.sets=[SetA,SetB,SetC]", "data.channels=2", "data.length=16", "data.ways=2"]
+    return [f"data.root={root}", "data.sets=[SetA,SetC]", "data.context=4", "data.horizon=2", "data.shots=2",
+            "data.query=2", "data.eval_query=2", "data.support_fraction=0.5"]
+
+
 @pytest.fixture(scope="session")
 def timeseries_fixture(tmp_path_factory) -> Path:
     return make_timeseries(tmp_path_factory.mktemp("timeseries"))

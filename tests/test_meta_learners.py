@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, fixture_overrides, make_timeseries
+from conftest import CONFIG_DIR, fixture_overrides, make_timeseries, timeseries_overrides
 from metalstm.assembly import build
 from metalstm.config import default_of, rule_of
 from metalstm.core import PAD, EpisodeBatch
@@ -86,12 +86,8 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
         overrides.append("base_learner.filters=8")
     if data in ("omniglot", "omniglot_strokes"):
         overrides += fixture_overrides(root, cache, data)
-    if data == "timeseries":
-        overrides += [f"data.root={make_timeseries(tmp_path / 'timeseries')}", "data.sets=[SetA,SetB,SetC]",
-                      "data.channels=2", "data.length=16", "data.ways=2"]
-    if data == "series_forecast":
-        overrides += [f"data.root={make_timeseries(tmp_path / 'timeseries')}", "data.sets=[SetA,SetC]", "data.context=4",
-                      "data.horizon=2", "data.shots=2", "data.query=2", "data.eval_query=2", "data.support_fraction=0.5"]
+    if data in ("timeseries", "series_forecast"):
+        overrides += timeseries_overrides(data, make_timeseries(tmp_path / "timeseries"))
     if base.startswith("lstm"):
         overrides += ["base_learner.hidden=8", "base_learner.input_dim=4"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
