@@ -11,6 +11,7 @@ Validation and test tasks are fixed: task ``i`` of a split is drawn from a gener
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -21,6 +22,18 @@ from metalstm.config import Config, count
 from metalstm.core import SPLITS, EpisodeBatch, TaskSource, TaskSpec
 
 __all__ = ["SPLITS", "EpisodeBatch", "EpisodeConfig", "FixedEpisodes", "TaskSource", "TrainEpisodes", "task_seed"]
+
+
+def split_by_shares(n: int, shares: list[float], seed: int) -> dict[str, list[int]]:
+    """Indices 0..n-1 in a seeded random order, cut into train/val/test by ``shares`` (three positive numbers, any
+    scale); val and test get at least one each."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    total = sum(shares)
+    n_val = max(1, round(n * shares[1] / total))
+    n_test = max(1, round(n * shares[2] / total))
+    n_train = n - n_val - n_test
+    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
 
 
 @dataclass

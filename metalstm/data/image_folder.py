@@ -13,7 +13,6 @@ Classes may differ in size; every class needs at least shots + query images.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from metalstm.config import choice, count, setting
 from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks
-from metalstm.data.episodes import SPLITS
+from metalstm.data.episodes import SPLITS, split_by_shares
 from metalstm.data.images import (
     IMAGE_SUFFIXES,
     cache_folders,
@@ -73,12 +72,7 @@ def class_folders(root: Path, split_seed: int, fractions: list[float]) -> dict[s
             f"{root} has {len(classes)} class sub-folder(s); few-shot episodes need classes for train, val and test. "
             f"Put each class's images in its own sub-folder of {root} (or use {root}/train|val|test/<class>/)."
         )
-    random.Random(split_seed).shuffle(classes)
-    total = sum(fractions)
-    n_val = max(1, round(len(classes) * fractions[1] / total))
-    n_test = max(1, round(len(classes) * fractions[2] / total))
-    n_train = len(classes) - n_val - n_test
-    return {"train": classes[:n_train], "val": classes[n_train : n_train + n_val], "test": classes[n_train + n_val :]}
+    return {s: [classes[i] for i in part] for s, part in split_by_shares(len(classes), fractions, split_seed).items()}
 
 
 def load_class_images(root: Path, folders: list[Path], image_size: int, channels: int, invert: bool,

@@ -15,17 +15,15 @@ is the MASE; results.json's ``reference`` scores the naive forecast on the same 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from metalstm.config import count, fraction, setting
 from metalstm.core import TaskSpec
-from metalstm.data.episodes import EpisodeBatch, EpisodeConfig, FixedEpisodes
-from metalstm.data.timeseries import bundled_root, fill_missing, read_table, read_ts, set_files
+from metalstm.data.episodes import EpisodeBatch, EpisodeConfig, FixedEpisodes, split_by_shares
+from metalstm.data.timeseries import fill_missing, read_set, set_roots
 from metalstm.errors import DataError
 from metalstm.objectives import normal_ci95
 
@@ -67,14 +65,10 @@ class SeriesForecastConfig(EpisodeConfig):
 
 def load_series(cfg: SeriesForecastConfig) -> tuple[list[Tensor], list[str]]:
     """Every series of the sets (first dimension, missing values interpolated) and its name <Set>:<file>:<line>."""
-    roots = bundled_root() if cfg.root == "bundled" else [Path(cfg.root).expanduser()]
-    if cfg.root != "bundled" and not roots[0].is_dir():
-        raise DataError(f"data.root={cfg.root} is not a folder ({roots[0].resolve()}). Point it at a folder in the "
-                        f"UCR/UEA layout (<Set>/<Set>_TRAIN.ts), or use data.root=bundled.")
+    roots = set_roots(cfg.root)
     series, names = [], []
     for name in dict.fromkeys(cfg.sets):
-        for path in set_files(roots, name):
-            rows = read_ts(path) if path.suffix == ".ts" else read_table(path)
+        for path, rows in read_set(roots, name):
             for i, (values, _) in enumerate(rows):
                 series.append(fill_missing(values, f"{path} series {i + 1}")[0].float())
                 names.append(f"{name}:{path.stem.rsplit('_', 1)[-1]}:{i + 1}")
@@ -106,21 +100,14 @@ class SeriesForecastTasks:
         self.cuts = (self.lengths.double() * cfg.support_fraction).long()  # support windows end before, query after
         lag = cfg.season
         self.scales = torch.stack([(s[lag:c] - s[:c - lag]).abs().mean() for s, c in zip(series, self.cuts)])
-        order = list(range(len(series)))
-        random.Random(cfg.split_seed).shuffle(order)
-        total = sum(cfg.series_split)
-        n_val = max(1, round(len(order) * cfg.series_split[1] / total))
-        n_test = max(1, round(len(order) * cfg.series_split[2] / total))
-        n_train = len(order) - n_val - n_test
-        self.splits = {"train": torch.tensor(order[:n_train]), "val": torch.tensor(order[n_train : n_train + n_val]),
-                       "test": torch.tensor(order[n_train + n_val :])}
+        self.splits = {s: torch.tensor(part) for s, part in split_by_shares(len(series), cfg.series_split,
+                                                                             cfg.split_seed).items()}
         log.info("series_forecast: %d series from %s, %d-%d points; split %s", len(series), ", ".join(cfg.sets),
                  int(self.lengths.min()), int(self.lengths.max()), {s: len(v) for s, v in self.splits.items()})
 
     @property
     def spec(self) -> TaskSpec:
-        return {"task_type": "forecast", "input_shape": (self.cfg.context, 1), "output_dim": 1,
-                "output_length": self.cfg.horizon}
+        return self.cfg.spec()
 
     def windows(self, chosen: Tensor, low: Tensor, high: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """n windows of each chosen series, starting in [low, high) -> scaled inputs [T, n, context, 1], targets

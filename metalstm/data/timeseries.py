@@ -33,7 +33,7 @@ from torch import Tensor
 from metalstm.config import count, setting
 from metalstm.core import TaskSpec
 from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec
-from metalstm.data.episodes import SPLITS
+from metalstm.data.episodes import SPLITS, split_by_shares
 from metalstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,22 @@ def bundled_root() -> list[Path]:
             if folder.is_dir():
                 roots.append(folder)
     return roots
+
+
+def set_roots(root: str) -> list[Path]:
+    """Where ``data.root`` says the sets are: the bundled copies' folders, or the one folder named."""
+    if root == "bundled":
+        return bundled_root()
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.root={root} is not a folder ({folder.resolve()}). Point it at a folder in the "
+                        f"UCR/UEA layout (<Set>/<Set>_TRAIN.ts), or use data.root=bundled.")
+    return [folder]
+
+
+def read_set(roots: list[Path], name: str) -> list[tuple[Path, list[tuple[Tensor, str]]]]:
+    """A set's TRAIN and TEST files, each with its (series [dims, steps], label) rows."""
+    return [(path, read_ts(path) if path.suffix == ".ts" else read_table(path)) for path in set_files(roots, name)]
 
 
 def set_files(roots: list[Path], name: str) -> list[Path]:
@@ -213,15 +229,11 @@ def fill_missing(series: Tensor, where: str) -> Tensor:
 
 def load_sets(cfg: TimeSeriesConfig) -> tuple[list[Tensor], list[str], list[str]]:
     """Per pooled class, its series [count, length, channels + 1], the class names and each class's set."""
-    roots = bundled_root() if cfg.root == "bundled" else [Path(cfg.root).expanduser()]
-    if cfg.root != "bundled" and not roots[0].is_dir():
-        raise DataError(f"data.root={cfg.root} is not a folder ({roots[0].resolve()}). Point it at a folder in the "
-                        f"UCR/UEA layout (<Set>/<Set>_TRAIN.ts), or use data.root=bundled.")
+    roots = set_roots(cfg.root)
     per_class: dict[str, list[Tensor]] = {}
     set_of: dict[str, str] = {}
     for name in dict.fromkeys(cfg.sets):
-        for path in set_files(roots, name):
-            rows = read_ts(path) if path.suffix == ".ts" else read_table(path)
+        for path, rows in read_set(roots, name):
             for i, (series, label) in enumerate(rows):
                 key = f"{name}:{label}"
                 per_class.setdefault(key, []).append(prepare(series, cfg.length, cfg.channels, f"{path} series {i + 1}"))
@@ -232,21 +244,14 @@ def load_sets(cfg: TimeSeriesConfig) -> tuple[list[Tensor], list[str], list[str]
 
 def split_classes(names: list[str], sets: list[str], cfg: TimeSeriesConfig) -> dict[str, list[int]]:
     """Indices of each split's classes: a seeded shuffle of the classes, or the test sets' classes as test."""
-    rng = random.Random(cfg.split_seed)
     if cfg.test_sets:
         test = [i for i, s in enumerate(sets) if s in cfg.test_sets]
         rest = [i for i, s in enumerate(sets) if s not in cfg.test_sets]
-        rng.shuffle(rest)
+        random.Random(cfg.split_seed).shuffle(rest)
         train_share, val_share = cfg.class_split[0], cfg.class_split[1]
         n_val = max(1, round(len(rest) * val_share / (train_share + val_share)))
         return {"train": rest[n_val:], "val": rest[:n_val], "test": test}
-    order = list(range(len(names)))
-    rng.shuffle(order)
-    total = sum(cfg.class_split)
-    n_val = max(1, round(len(order) * cfg.class_split[1] / total))
-    n_test = max(1, round(len(order) * cfg.class_split[2] / total))
-    n_train = len(order) - n_val - n_test
-    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    return split_by_shares(len(names), cfg.class_split, cfg.split_seed)
 
 
 def build_timeseries(cfg: TimeSeriesConfig) -> TimeSeriesTasks:
