@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -14,6 +15,7 @@ from torch.func import functional_call, vmap
 from metalstm.config import Config
 from metalstm.core import TaskSpec
 from metalstm.errors import ConfigError
+from metalstm.learners.norm import batch_norm
 
 Params = dict[str, Tensor]
 
@@ -86,6 +88,11 @@ class BaseLearner(nn.Module):
 _vmapped = threading.local()
 
 
+def outside_functorch() -> bool:
+    """No torch.func transform (vmap, grad) is running: custom autograd Functions and layout changes are safe."""
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
 def in_tasks_vmap() -> bool:
     return getattr(_vmapped, "on", False)
 
@@ -108,6 +115,8 @@ class BatchNorm(nn.BatchNorm2d):
     Running statistics cannot be updated inside ``vmap`` over tasks: meta-learners that vmap the base
     learner refuse them (``MetaLearner.running_norm``).
 
+    On a CPU, outside torch.func transforms, batch statistics run through ``learners.norm.batch_norm``, whose
+    second derivative (second-order MAML) is a few fused passes instead of torch's general one.
     Under ``tasks_vmapped`` the affine map is written out after a weightless batch_norm: torch's fused
     affine batch_norm, vmapped over tasks whose adapted weights differ, gives second derivatives off by
     1-5% (torch 2.13; pytorch/functorch#534). Elsewhere the fused kernel runs (~13% faster on CPU).
@@ -122,6 +131,8 @@ class BatchNorm(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 training=self.training, momentum=self.momentum, eps=self.eps)
+        if x.device.type == "cpu" and outside_functorch():  # the closed-form second derivative (learners/norm.py)
+            return batch_norm(x, self.weight, self.bias, self.eps)
         if not in_tasks_vmap():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         shape = (-1,) + (1,) * (x.dim() - 2)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalstm.config import choice, count
-from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, Params, TaskSpec
+from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, Params, TaskSpec, outside_functorch
+from metalstm.learners.norm import batch_norm
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Conv4(BaseLearner):
 
     def forward(self, x: Tensor, embed: bool = False, targets: Tensor | None = None) -> Tensor:
         h = self.body[0](x)
-        if h.device.type == "cpu" and torch._C._functorch.peek_interpreter_stack() is None:  # not under vmap/grad
+        if h.device.type == "cpu" and outside_functorch():
             # the rest in channels_last: on a CPU, BatchNorm, max-pool and the convolutions' backward run faster in
             # it (W1's query pass, 75 images: block 1 and conv 2 forward and backward 41 -> 30 ms); an input of one
             # channel is both layouts at once, so the switch comes after the first convolution
@@ -80,11 +81,14 @@ class Conv4(BaseLearner):
         the T*C channels (task t's own statistics), and the head is a batched product. The same function as
         ``forward_with`` per task, in a few large kernels instead of T small ones."""
         tasks, n = x.shape[:2]
+        closed_form_norm = x.device.type == "cpu" and outside_functorch()  # see BatchNorm
         h = x.transpose(0, 1).flatten(1, 2)  # [n, T*C, H, W]
         for name, layer in self.body.named_children():
             weight, bias = params.get(f"body.{name}.weight"), params.get(f"body.{name}.bias")
             if isinstance(layer, nn.Conv2d):
                 h = F.conv2d(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
+            elif isinstance(layer, BatchNorm) and closed_form_norm:
+                h = batch_norm(h, weight.flatten(), bias.flatten(), layer.eps)
             elif isinstance(layer, BatchNorm):
                 h = F.batch_norm(h, None, None, weight.flatten(), bias.flatten(), training=True, eps=layer.eps)
             elif isinstance(layer, nn.Flatten):

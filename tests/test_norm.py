@@ -1,0 +1,74 @@
+"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metalstm.learners.norm import batch_norm
+
+
+def inputs(shape, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+    weight = (torch.rand(shape[1], generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    bias = torch.randn(shape[1], generator=gen, dtype=dtype).requires_grad_()
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 3), (3, 2, 7)])
+def test_first_and_second_derivatives_match_finite_differences(shape):
+    args = inputs(shape)
+    assert torch.autograd.gradcheck(lambda x, w, b: batch_norm(x, w, b, 1e-5), args)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: batch_norm(x, w, b, 1e-5), args)
+
+
+def second_order(norm, x, weight, bias, seed=1):
+    """A MAML-like composite: grads of a non-linear loss (create_graph), then grads of a function of them."""
+    y = norm(x, weight, bias)
+    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    gx, gw, gb = torch.autograd.grad((y * target).sum() + (y ** 3).sum(), (x, weight, bias), create_graph=True)
+    return torch.autograd.grad((gx ** 2).sum() + gw.sin().sum() + (gb * target.mean()).sum(), (x, weight, bias))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_second_derivatives_equal_torch_batch_norm(memory_format):
+    x, weight, bias = inputs((5, 8, 6, 6))
+    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+    ours = second_order(lambda x, w, b: batch_norm(x, w, b, 1e-5), x, weight, bias)
+    torch_bn = second_order(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=1e-5), x, weight, bias)
+    for a, b in zip(ours, torch_bn):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_gradients_of_grad_x_alone():
+    """A loss of grad_x only (no grad_weight, grad_bias terms): the closed form gets None for those two."""
+    results = []
+    for norm in (lambda x, w, b: batch_norm(x, w, b, 1e-5),
+                 lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)):
+        x, weight, bias = inputs((4, 3, 5))
+        (gx,) = torch.autograd.grad((norm(x, weight, bias) ** 3).sum(), (x,), create_graph=True)
+        results.append(torch.autograd.grad((gx ** 2).sum(), (x, weight)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_third_derivatives_are_refused():
+    x, weight, bias = inputs((4, 3))
+    y = batch_norm(x, weight, bias, 1e-5)
+    (gx,) = torch.autograd.grad((y ** 3).sum(), (x,), create_graph=True)
+    torch.autograd.grad((gx ** 2).sum(), (x,), retain_graph=True)  # second order: fine
+    with pytest.raises(RuntimeError, match="no third"):
+        torch.autograd.grad((gx ** 2).sum(), (x,), create_graph=True)
+
+
+def test_bf16_autocast_follows_torch_batch_norm():
+    """Under autocast the activations are bf16 and the weights float32, as in trainer.precision=bf16-mixed."""
+    x, weight, bias = inputs((5, 4, 6, 6), dtype=torch.float32)
+    mix = torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(2))
+    results = []
+    for norm in (lambda h, w, b: batch_norm(h, w, b, 1e-5),
+                 lambda h, w, b: F.batch_norm(h, None, None, w, b, training=True, eps=1e-5)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(second_order(lambda x, w, b: norm(F.conv2d(x, mix), w, b), x, weight, bias))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
