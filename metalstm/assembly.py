@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from metalstm.config import Component, Config, from_dict, setting
 from metalstm.core import TaskSpec
-from metalstm.data import DATASETS, FewShotDataModule, build_datamodule
+from metalstm.data import DATASETS
+from metalstm.data.datamodule import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError, MetalstmError
 from metalstm.learners import BASE_LEARNERS, build_base_learner
 from metalstm.meta import META_LEARNERS, build_meta_learner

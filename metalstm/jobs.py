@@ -40,7 +40,7 @@ from metalstm.checkpointing import (
     stop_on_sigint,
 )
 from metalstm.cli import experiment_name, remove_empty_run, remove_resume_config
-from metalstm.data import FewShotDataModule, build_datamodule
+from metalstm.data.datamodule import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
 from metalstm.files import FolderInUse, run_lock, write_json
 from metalstm.memory import GIB, check_batch_fits, is_out_of_memory, memory_kind, out_of_memory, peak_bytes, reset_peak

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalstm.data import EpisodeConfig, FewShotDataModule
+from metalstm.data import EpisodeConfig
 from metalstm.data.class_tasks import ClassTasks
+from metalstm.data.datamodule import FewShotDataModule
 from metalstm.data.episodes import FixedEpisodes, TrainEpisodes
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot, load_omniglot, split_characters
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidTasks

@@ -1,17 +1,14 @@
-"""Few-shot task sources and the DataModule that serves their episodes.
+"""Few-shot task sources, registered by name.
 
 Adding a data set: one module with a config dataclass (extending ``EpisodeConfig``: its settings,
 their defaults and rules, and the ``spec`` of its tasks) and a builder, and one ``DATASETS.register``
-line. A data set never imports a model.
+line. A data set never imports a model. The Lightning DataModule that serves a data set's episodes is in
+``metalstm.data.datamodule``, so this registry, the learners and the meta-learners import without Lightning.
 """
 from __future__ import annotations
 
-import lightning.pytorch as pl
-from torch.utils.data import DataLoader
-
-from metalstm.config import Component, Registry
-from metalstm.core import TaskSource
-from metalstm.data.episodes import EpisodeConfig, FixedEpisodes, TrainEpisodes
+from metalstm.config import Registry
+from metalstm.data.episodes import EpisodeConfig
 from metalstm.data.image_folder import ImageFolderConfig, build_image_folder
 from metalstm.data.mini_imagenet import MiniImageNetConfig, build_mini_imagenet
 from metalstm.data.omniglot import OmniglotConfig, build_omniglot
@@ -20,7 +17,6 @@ from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
 from metalstm.data.series_forecast import SeriesForecastConfig, build_series_forecast
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
 from metalstm.data.timeseries import TimeSeriesConfig, build_timeseries
-from metalstm.errors import ConfigError
 
 # name -> (config dataclass, builder: config -> TaskSource)
 DATASETS = Registry("data", "data set")
@@ -35,55 +31,4 @@ DATASETS.register("timeseries", TimeSeriesConfig, build_timeseries)
 DATASETS.register("series_forecast", SeriesForecastConfig, build_series_forecast)
 
 
-class FewShotDataModule(pl.LightningDataModule):
-    def __init__(self, source: TaskSource, episodes: EpisodeConfig, seed: int):
-        super().__init__()
-        self.source, self.episodes, self.seed = source, episodes, seed
-
-    def rank_and_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-
-    def setup(self, stage: str) -> None:
-        if self.episodes.on_device and self.trainer is not None and hasattr(self.source, "to"):
-            self.source.to(self.trainer.strategy.root_device)
-        _, world = self.rank_and_world()
-        if stage == "fit" and self.episodes.meta_batch_size % world:
-            raise ConfigError(
-                f"data.meta_batch_size={self.episodes.meta_batch_size} cannot be split evenly over {world} devices "
-                f"(each adapts an equal share of the tasks); choose a multiple of {world}."
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        e = self.episodes
-        rank, world = self.rank_and_world()
-        start = self.trainer.global_step if self.trainer else 0  # restored already when a run resumes
-        stream = TrainEpisodes(self.source, e.meta_batch_size // world, self.seed, rank, start_step=start)
-        return DataLoader(stream, batch_size=None)
-
-    def _fixed(self, split: str, num_tasks: int) -> DataLoader:
-        e = self.episodes
-        rank, world = self.rank_and_world()
-        episodes = FixedEpisodes(self.source, split, num_tasks, e.eval_batch_size, e.episode_seed, rank, world)
-        return DataLoader(episodes, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._fixed("val", self.episodes.val_tasks)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._fixed("test", self.episodes.test_tasks)
-
-
-def build_datamodule(data: Component, seed: int) -> FewShotDataModule:
-    """Read the data set that ``data`` (the parsed ``data`` group) describes; its tasks match ``data.config.spec()``."""
-    source = data.impl(data.config)
-    expected, found = normal(data.config.spec()), normal(source.spec)
-    if expected != found:  # a data set whose config and source disagree is a bug in that data set
-        raise RuntimeError(f"data={data.name}: the config's spec {expected} differs from the source's {found}")
-    return FewShotDataModule(source, data.config, seed)
-
-
-def normal(spec: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in spec.items()}
-
-
-__all__ = ["DATASETS", "EpisodeConfig", "FewShotDataModule", "build_datamodule"]
+__all__ = ["DATASETS", "EpisodeConfig"]
