@@ -57,7 +57,8 @@ WORKLOADS = {
 }
 
 
-def workload(name: str, device: str, vectorize: str, task_chunk: int = 0) -> tuple[torch.nn.Module, EpisodeBatch, str]:
+def workload(name: str, device: str, vectorize: str, task_chunk: int = 0, checkpoint_inner: bool = False,
+             inner_steps: int | None = None) -> tuple[torch.nn.Module, EpisodeBatch, str]:
     w = WORKLOADS[name]
     if w.get("seq"):
         source = SeqTasks(SeqTasksConfig(shots=w["shots"], query=w["query"]))
@@ -81,12 +82,14 @@ def workload(name: str, device: str, vectorize: str, task_chunk: int = 0) -> tup
         shape = f"ways={w['ways']} shots={w['shots']} query={w['query']}"
     objective = get_objective(spec["task_type"])
     learner = build_base_learner(BASE_LEARNERS.parse(w["learner"]), spec)
-    method = w.get("meta", {**MAML, "vectorize": vectorize, "task_chunk": task_chunk})
+    method = w.get("meta", {**MAML, "vectorize": vectorize, "task_chunk": task_chunk, "checkpoint_inner": checkpoint_inner})
+    if inner_steps is not None:
+        method = {**method, "inner_steps": inner_steps}
     meta = build_meta_learner(META_LEARNERS.parse(method), learner, objective.loss, spec)
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
     meta.diagnose = False  # as the training loop runs it between the steps it logs (no gate summaries)
     mode = (f" vectorize={meta.vectorize_mode(batch.support_x)} task_chunk={meta.task_chunk(batch)}"
-            if hasattr(meta, "vectorize_mode") else "")
+            f"{' checkpoint_inner' if checkpoint_inner else ''}" if hasattr(meta, "vectorize_mode") else "")
     return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 
 
@@ -141,6 +144,9 @@ def main() -> None:
     parser.add_argument("--vectorize", default="auto", choices=VECTORIZE,
                         help="MAML's meta_learner.vectorize (auto: vmap, but grouped for Conv-4 on CPU)")
     parser.add_argument("--task-chunk", type=int, default=0, help="MAML's meta_learner.task_chunk (0: auto)")
+    parser.add_argument("--checkpoint-inner", action="store_true",
+                        help="MAML's meta_learner.checkpoint_inner: each inner step recomputed in the meta-backward")
+    parser.add_argument("--steps", type=int, help="inner steps (default: the workload's)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
                         help="as trainer.precision: bf16-mixed runs the step's forward under bfloat16 autocast")
     parser.add_argument("--profile", action="store_true", help="also print the step's GFLOP/s against the measured "
@@ -148,7 +154,8 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
-    meta, batch, shape = workload(args.workload, args.device, args.vectorize, args.task_chunk)
+    meta, batch, shape = workload(args.workload, args.device, args.vectorize, args.task_chunk, args.checkpoint_inner,
+                                  args.steps)
     optimizer = meta.outer_optimizer(1e-3)
 
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed",

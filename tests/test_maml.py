@@ -232,6 +232,65 @@ def test_meta_gradient_taken_chunk_by_chunk_is_the_whole_batchs(base, options, m
         assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, c_grads))
 
 
+@pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])
+@pytest.mark.parametrize("mode,chunk", [("loop", 0), ("grouped", 0), ("grouped", 2), ("auto", 0)])
+def test_checkpointed_inner_loop_gives_the_stored_graphs_meta_gradient(base, options, mode, chunk):
+    """checkpoint_inner (each inner step recomputed in the meta-backward) gives the stored graph's meta-loss, query
+    outputs and meta-gradient of every parameter (learned step sizes, per-step norms, frozen body included)."""
+    results = {}
+    for checkpoint in (False, True):
+        maml, batch = vectorize_problem(base, "vmap" if not checkpoint else mode, task_chunk=chunk,
+                                        checkpoint_inner=checkpoint, **options)
+        out = maml.meta_loss(batch)
+        out.loss.backward()
+        results[checkpoint] = (out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()])
+    (loss, outputs, grads), (c_loss, c_outputs, c_grads) = results[False], results[True]
+    assert torch.allclose(loss, c_loss, atol=1e-6) and torch.allclose(outputs, c_outputs, atol=1e-5)
+    assert [g is None for g in grads] == [g is None for g in c_grads] and any(g is not None for g in grads)
+    assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, c_grads))
+
+
+def peak_saved_elements(maml: MAML, batch: EpisodeBatch) -> int:
+    """The most elements autograd's graphs held saved at once during a meta-loss and its backward."""
+    import weakref
+
+    class Saved:
+        def __init__(self, t: Tensor):
+            self.t = t
+
+    live, peak = [0], [0]
+
+    def pack(t: Tensor) -> Saved:
+        holder = Saved(t)
+        live[0] += t.numel()
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(holder, lambda n=t.numel(): live.__setitem__(0, live[0] - n))
+        return holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.t):
+        maml.meta_loss(batch).loss.backward()
+    return peak[0]
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "grouped"])
+def test_checkpointed_inner_loop_matches_finite_differences_and_holds_one_steps_graph(vectorize):
+    maml, batch = tiny_problem(first_order=False, steps=6)
+    maml.cfg.vectorize = vectorize
+    stored = peak_saved_elements(maml, batch)
+    maml.cfg.checkpoint_inner = True
+    assert peak_saved_elements(maml, batch) < 0.6 * stored  # one step's graph at a time instead of six (and phi_s)
+    analytic = meta_gradient(maml, batch)
+    numeric = central_differences(lambda: maml.meta_loss(batch).loss, list(maml.parameters()))
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-7), (analytic - numeric).abs().max()
+
+
+def test_checkpointed_inner_loop_runs_grouped_instead_of_vmap():
+    maml, batch = vectorize_problem("mlp", "auto", checkpoint_inner=True)
+    assert maml.vectorize_mode(batch.support_x) == "grouped"
+    with pytest.raises(ConfigError, match="vectorize=grouped"):
+        vectorize_problem("mlp", "vmap", checkpoint_inner=True)
+
+
 def test_task_chunk_auto_holds_one_task_in_a_loop_eight_grouped_all_under_vmap():
     for vectorize, expected in (("loop", 1), ("grouped", 3), ("vmap", 3)):
         maml, batch = vectorize_problem("conv4", vectorize)

@@ -65,6 +65,10 @@ class MAMLConfig(MetaConfig):
     # (the same gradient; memory follows the chunk, not the meta-batch). 0: auto, one task at a time with loop, 8 with
     # grouped (W1 on a CPU: 4 % slower than 32, half the memory; docs/performance.md), the whole meta-batch with vmap
     task_chunk: int = count(0, minimum=0)
+    # second order without storing the inner loop: each step's activations are recomputed in the meta-backward, one
+    # step at a time (CheckpointedStep; the same meta-gradient). Memory: one inner step's graph instead of all of
+    # them, for about one more support forward and backward per step. Runs loop or grouped (vmap: grouped)
+    checkpoint_inner: bool = False
 
 
 class QueryLoss(torch.autograd.Function):
@@ -99,6 +103,34 @@ class QueryLoss(torch.autograd.Function):
                              for g in ctx.grads)
 
 
+class CheckpointedStep(torch.autograd.Function):
+    """One second-order inner step, phi_{s+1} = step(phi_s, create_graph), that stores no graph: the forward runs
+    the step without one and keeps phi_s; the backward recomputes it with its graph (support forward, gradient,
+    update) and differentiates it w.r.t. phi_s and the meta-parameters ``params`` the step reads (learned step
+    sizes, per-step BatchNorm weights, the weights it does not adapt). Exact: the same operations, twice."""
+
+    @staticmethod
+    def forward(ctx: Any, step: Callable[[list[Tensor], bool], list[Tensor]], num_phi: int,
+                *inputs: Tensor) -> tuple[Tensor, ...]:
+        phi = inputs[:num_phi]
+        ctx.step, ctx.params = step, inputs[num_phi:]
+        ctx.save_for_backward(*phi)
+        with torch.enable_grad():
+            new = step([p.detach().requires_grad_() for p in phi], False)
+        return tuple(p.detach() for p in new)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_new: Tensor) -> tuple[Tensor | None, ...]:
+        phi = [p.detach().requires_grad_() for p in ctx.saved_tensors]
+        params = [p for p in ctx.params if p.requires_grad]
+        with torch.enable_grad():
+            new = ctx.step(phi, True)
+            # retain_graph: the step may read views (theta stacked over tasks) made outside it, in the meta-loss's graph
+            grads = iter(torch.autograd.grad(new, phi + params, grad_new, retain_graph=True, allow_unused=True))
+        grad_phi = [next(grads) for _ in phi]
+        return None, None, *grad_phi, *(next(grads) if p.requires_grad else None for p in ctx.params)
+
+
 class MAML(MetaLearner):
     running_norm = True  # adapts one task at a time when BatchNorm keeps running statistics (vectorize_mode)
 
@@ -116,6 +148,10 @@ class MAML(MetaLearner):
             raise ConfigError(f"meta_learner.vectorize={cfg.vectorize} adapts the tasks of a meta-batch together, but "
                               "BatchNorm running statistics are shared by all tasks and updated one forward at a time; "
                               "use meta_learner.vectorize=loop (or auto), or base_learner.norm=batch.")
+        if cfg.checkpoint_inner and cfg.vectorize == "vmap":
+            raise ConfigError("meta_learner.checkpoint_inner=true recomputes each inner step outside torch.func's "
+                              "transforms, which vectorize=vmap runs the whole task under; use meta_learner.vectorize="
+                              "grouped (the support sets still adapt together) or auto.")
         steps = max(cfg.inner_steps, 1)
         self.step_norms = nn.ParameterDict(
             {key(n): nn.Parameter(params[n].detach().clone().expand(steps + 1, *params[n].shape).clone())
@@ -197,14 +233,31 @@ class MAML(MetaLearner):
         """
         adapted = {n: params[n] for n in self.adapted}
         query_losses = []
+        checkpoint = self.cfg.checkpoint_inner and not first_order and torch.is_grad_enabled() and not in_tasks_vmap()
+        meta_params = [p for p in self.parameters() if p.requires_grad] if checkpoint else []
         for step in range(steps):
-            if in_tasks_vmap():  # functorch's grad: per task under vmap
-                grads = grad(self.support_loss)(adapted, params, x, y, step)
-                grads = {n: g.detach() for n, g in grads.items()} if first_order else grads
-            else:  # plain autograd: less dispatch overhead per op than functorch's transforms
-                loss = self.support_loss(adapted, params, x, y, step)
-                grads = dict(zip(adapted, torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)))
-            adapted = {n: p - self.step_size(n, step) * grads[n] for n, p in adapted.items()}
+            if checkpoint:
+                names, stacked = list(adapted), self.tasks_stacked
+
+                def update(values: list[Tensor], create_graph: bool, step: int = step) -> list[Tensor]:
+                    previous, self.tasks_stacked = self.tasks_stacked, stacked  # also when the meta-backward recomputes
+                    try:
+                        loss = self.support_loss(dict(zip(names, values)), params, x, y, step)
+                    finally:
+                        self.tasks_stacked = previous
+                    grads = torch.autograd.grad(loss, values, create_graph=create_graph)
+                    return [p - self.step_size(n, step) * g for n, p, g in zip(names, values, grads)]
+
+                adapted = dict(zip(names, CheckpointedStep.apply(update, len(names), *adapted.values(), *meta_params)))
+            else:
+                if in_tasks_vmap():  # functorch's grad: per task under vmap
+                    grads = grad(self.support_loss)(adapted, params, x, y, step)
+                    grads = {n: g.detach() for n, g in grads.items()} if first_order else grads
+                else:  # plain autograd: less dispatch overhead per op than functorch's transforms
+                    loss = self.support_loss(adapted, params, x, y, step)
+                    grads = dict(zip(adapted, torch.autograd.grad(loss, list(adapted.values()),
+                                                                  create_graph=not first_order)))
+                adapted = {n: p - self.step_size(n, step) * grads[n] for n, p in adapted.items()}
             if query is not None:
                 query_losses.append(self.query_loss({**params, **adapted}, *query, step + 1))
         return {**params, **adapted}, query_losses
@@ -234,6 +287,8 @@ class MAML(MetaLearner):
             return self.cfg.vectorize
         if self.learner.bn_policy == "running":
             return "loop"  # running statistics are updated in place, one forward at a time
+        if self.cfg.checkpoint_inner and (x.is_cuda or self.learner.cpu_vectorize == "vmap"):
+            return "grouped"  # the support sets adapt together outside vmap, where a step can be recomputed
         return "vmap" if x.is_cuda else self.learner.cpu_vectorize
 
     def over_tasks(self, fn: Callable[..., Any], batch: EpisodeBatch) -> Any:

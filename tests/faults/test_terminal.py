@@ -136,5 +136,5 @@ def test_running_out_of_memory_names_the_settings_to_lower(tmp_path):
         env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     assert_one_clear_message(result.returncode, result.stderr, "Out of memory during meta-training",
-                             "data.meta_batch_size=100000", "meta_learner.task_chunk=1", "meta_learner.first_order=true")
+                             "data.meta_batch_size=100000", "meta_learner.task_chunk=1", "meta_learner.checkpoint_inner=true", "meta_learner.first_order=true")
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and not is_out_of_memory(RuntimeError("shape"))
