@@ -18,6 +18,7 @@ from metalstm.data import DATASETS
 from metalstm.data.datamodule import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError, MetalstmError
 from metalstm.learners import BASE_LEARNERS, build_base_learner
+from metalstm.memory_plan import parse_bytes
 from metalstm.meta import META_LEARNERS, build_meta_learner
 from metalstm.module import MetaLearningModule, OptimConfig
 from metalstm.objectives import Objective, get_objective
@@ -31,6 +32,10 @@ class RunConfig(Config):
 
     group: ClassVar[str] = ""
     seed: int = setting(minimum=0, maximum=2**32 - 1)  # numpy's seeds are 32-bit
+    memory_budget: str | int | None = None  # e.g. 8GB: the most a training step may use (memory_plan.py); null: all free
+
+    def check(self) -> None:
+        self.memory_budget_bytes = parse_bytes(self.memory_budget)
 
 
 @dataclass
@@ -54,7 +59,7 @@ SCHEMAS: dict[str, Any] = {"data": DATASETS, "base_learner": BASE_LEARNERS, "met
 def parse(config: dict) -> Settings:
     """Every component's config, checked (types, rules, names, keys), before any data is read."""
     groups = {group: registry.parse(config[group]) for group, registry in SCHEMAS.items()}
-    run = RunConfig(seed=config.get("seed"))
+    run = RunConfig(seed=config.get("seed"), memory_budget=config.get("memory_budget"))
     return Settings(**groups, optim=from_dict(OptimConfig, config.get("optim") or {}, "optim"), run=run)
 
 

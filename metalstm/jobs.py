@@ -40,10 +40,12 @@ from metalstm.checkpointing import (
     stop_on_sigint,
 )
 from metalstm.cli import experiment_name, remove_empty_run, remove_resume_config
+from metalstm.core import EpisodeBatch
 from metalstm.data.datamodule import FewShotDataModule, build_datamodule
 from metalstm.errors import ConfigError
 from metalstm.files import FolderInUse, run_lock, write_json
-from metalstm.memory import GIB, check_batch_fits, is_out_of_memory, memory_kind, out_of_memory, peak_bytes, reset_peak
+from metalstm.memory import GIB, check_batch_fits, drivers, is_out_of_memory, memory_kind, out_of_memory, peak_bytes, reset_peak
+from metalstm.memory_plan import plan
 from metalstm.module import MetaLearningModule
 from metalstm.resume import refuse_existing_run, resumed_config
 
@@ -178,6 +180,33 @@ def train(cfg: DictConfig) -> float | None:
         return fit_and_test(config, ckpt_path, resume_step, started)
 
 
+def plan_memory(module: MetaLearningModule, datamodule: FewShotDataModule, settings: Any, trainer: pl.Trainer,
+                device: torch.device, config: dict) -> dict | None:
+    """Measure what a training step needs (probe steps on one and more tasks) and, under memory_budget, set
+    MAML's task_chunk and checkpoint_inner to fit it; refuse a run that cannot fit before it trains."""
+    if trainer.world_size > 1:
+        log.info("memory: no estimate under %d processes (each measures its own in train/peak_memory_gb)",
+                 trainer.world_size)
+        return None
+    module.to(device)
+
+    def draw(tasks: int) -> EpisodeBatch:  # its own generator: the training stream is untouched
+        return datamodule.source.sample("train", tasks, torch.Generator().manual_seed(settings.run.seed))
+
+    with explained_out_of_memory(settings, device, "the memory probe before meta-training"):
+        chosen = plan(module.meta_learner, draw, settings.data.config.meta_batch_size, device,
+                      str(config["trainer"].get("precision", "32-true")), settings.run.memory_budget_bytes,
+                      drivers(settings))
+    if chosen is None:
+        return None
+    limit = f", limit {chosen.limit / GIB:.2f} GiB" if chosen.limit is not None else ""
+    log.info("memory: a training step needs about %.2f GiB on %s%s", chosen.need / GIB, device, limit)
+    return {"estimated_peak_gb": round(chosen.need / GIB, 3),
+            "limit_gb": None if chosen.limit is None else round(chosen.limit / GIB, 3),
+            "budget_gb": None if settings.run.memory_budget_bytes is None else round(settings.run.memory_budget_bytes / GIB, 3),
+            "changes": {f"meta_learner.{k}": v for k, v in chosen.changes.items()}}
+
+
 @contextmanager
 def owned(output_dir: Path) -> Iterator[None]:
     """One command at a time trains a run folder (DDP's other ranks write into rank 0's)."""
@@ -216,6 +245,7 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
     log.info("experiment %s: %s on %s, output in %s%s", config["experiment"], config["meta_learner"]["name"],
              config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
 
+    memory_plan = plan_memory(module, datamodule, settings, trainer, device, config)
     fit_started = time.time()
     reset_peak(device)
     try:
@@ -256,6 +286,7 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
         device=str(module.device),
         resumed_at_step=resume_step,
         **memory,
+        memory_plan=memory_plan,
     )
     write_json(output_dir / "results.json", results)
     line = summary_line(module.test_summary)

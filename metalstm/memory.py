@@ -13,15 +13,60 @@ GIB = 2**30
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory of ``device``: the GPU's free memory, or the CPU's MemAvailable (Linux); None where unknown."""
+    """Free memory of ``device``: the GPU's free memory; on a CPU (Linux) the least of MemAvailable, the room left
+    in this process's cgroup (a container's memory.max) and in its address-space limit (ulimit -v); None where
+    unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
+        free = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    return min([free] + [room for room in (cgroup_room(), address_space_room()) if room is not None])
+
+
+def cgroup_room() -> int | None:
+    """The memory limit of this process's cgroup less its use (v2 memory.max, or v1 memory.limit_in_bytes), or
+    None where there is no such limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.strip().split(":", 2) for line in f]
+    except OSError:
+        return None
+    for _, controllers, path in entries:
+        if controllers == "":  # v2
+            files = (f"/sys/fs/cgroup{path}".rstrip("/") + "/memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            files = (f"/sys/fs/cgroup/memory{path}".rstrip("/") + "/memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            with open(files[0]) as f:
+                limit = f.read().strip()
+            with open(files[0].rsplit("/", 1)[0] + "/" + files[1]) as f:
+                used = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a page-rounded 2^63
+            return max(int(limit) - used, 0)
+    return None
+
+
+def address_space_room() -> int | None:
+    """The address-space limit (RLIMIT_AS) less this process's virtual size, or None where unlimited."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * 4096
+    except (ImportError, OSError, ValueError):
+        return None
+    return max(soft - size, 0)
 
 
 def peak_bytes(device: torch.device) -> int | None:
