@@ -184,6 +184,8 @@ def plan_memory(module: MetaLearningModule, datamodule: FewShotDataModule, setti
                 device: torch.device, config: dict) -> dict | None:
     """Measure what a training step needs (probe steps on one and more tasks) and, under memory_budget, set
     MAML's task_chunk and checkpoint_inner to fit it; refuse a run that cannot fit before it trains."""
+    if trainer.max_steps == 0:  # nothing to train (a from-scratch baseline)
+        return None
     if trainer.world_size > 1:
         log.info("memory: no estimate under %d processes (each measures its own in train/peak_memory_gb)",
                  trainer.world_size)
