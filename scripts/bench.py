@@ -20,7 +20,8 @@ One step = meta_loss + backward + Adam step of our MetaLearner, exactly as the t
                                           # step's floating-point work, and the share of this machine's
                                           # measured peak (a large float32 and bfloat16 matmul) it reaches
 Prints the median tasks/s over timed steps after a warm-up, and the peak memory (GPU: allocated by torch;
-CPU: the process's peak resident set).
+CPU: the process's peak resident set, and its resident set before the first step: a step's own memory is the
+difference).
 """
 from __future__ import annotations
 
@@ -105,6 +106,15 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 1
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def resident_bytes() -> int | None:
+    """The process's resident set now (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -168,6 +178,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
+    before = resident_bytes()  # the process before its first step: imports, model, data, optimizer
     step()  # warm-up
     rates = []
     for _ in range(args.iters):
@@ -179,7 +190,8 @@ def main() -> None:
     if args.device.startswith("cuda"):
         peak = f"peak_gpu_mem={torch.cuda.max_memory_allocated() / 2**20:.0f}MiB"
     else:
-        peak = f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
+        peak = (f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
+                + (f" before_first_step={before / 2**20:.0f}MiB" if before is not None else ""))
     print(f"metalstm-{args.workload} tasks/s {statistics.median(rates):.2f} ({shape} threads={torch.get_num_threads()} "
           f"device={args.device} precision={args.precision} {peak})")
     if args.profile:
