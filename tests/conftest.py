@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Omniglot in the official layout, the real one when ../shared has it."""
 from __future__ import annotations
 
+import json
 import os
 
 if "PYTEST_XDIST_WORKER" in os.environ:  # one test process per core: one math thread each, and in the
@@ -190,6 +191,49 @@ def timeseries_overrides(data: str, root: Path) -> list[str]:
         return [f"data.root={root}", "data.sets=[SetA,SetB,SetC]", "data.channels=2", "data.length=16", "data.ways=2"]
     return [f"data.root={root}", "data.sets=[SetA,SetC]", "data.context=4", "data.horizon=2", "data.shots=2",
             "data.query=2", "data.eval_query=2", "data.support_fraction=0.5"]
+
+
+TEXT_CLASSES = ["sport", "weather", "cooking", "music", "travel", "finance", "garden", "space", "health", "chess"]
+
+
+def corpus_texts(per_class: int = 8) -> dict[str, list[str]]:
+    """A generated corpus: each class's texts mix words of its own topic (``<class>0``..``<class>5``) with shared
+    ones, lengths 5-20 words."""
+    shared = ["the", "a", "of", "and", "today", "people", "said", "new"]
+    corpus = {}
+    for c, name in enumerate(TEXT_CLASSES):
+        texts = []
+        for i in range(per_class):
+            count = 5 + (3 * i + c) % 16
+            texts.append(" ".join(f"{name}{(i + k) % 6}" if (i + k + c) % 3 else shared[(i * k + c) % 8]
+                                  for k in range(count)).capitalize() + ".")
+        corpus[name] = texts
+    return corpus
+
+
+def make_text_corpus(root: Path, layout: str = "folders") -> Path:
+    """The generated corpus as a folder of .txt files per class, or as two .jsonl files (half the classes each)."""
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = corpus_texts()
+    if layout == "folders":
+        for name, texts in corpus.items():
+            (root / name).mkdir(exist_ok=True)
+            for i, text in enumerate(texts):
+                (root / name / f"{i:03d}.txt").write_text(text + "\n")
+        return root
+    items = [(name, text) for name, texts in corpus.items() for text in texts]
+    for part, chunk in (("a", items[: len(items) // 2]), ("b", items[len(items) // 2 :])):
+        (root / f"{part}.jsonl").write_text("".join(json.dumps({"text": t, "label": n}) + "\n" for n, t in chunk))
+    return root
+
+
+def text_overrides(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.ways=2", "data.length=12", "data.vocab_size=100"]
+
+
+@pytest.fixture(scope="session")
+def text_fixture(tmp_path_factory) -> Path:
+    return make_text_corpus(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="session")

