@@ -39,7 +39,7 @@ WORD = re.compile(r"[a-z0-9']+")
 
 @dataclass
 class TextConfig(ClassEpisodeConfig):
-    root: str = ""  # a folder with a sub-folder of .txt files per class, or .jsonl files (or one .jsonl file)
+    root: str | None = None  # required: a folder with a sub-folder of .txt files per class, or .jsonl files (or one)
     length: int = count(64, minimum=1)  # tokens per text: longer texts are cut, shorter ones padded
     vocab_size: int = count(10000, minimum=3)  # with padding and the unknown word
     text_field: str = "text"  # JSON Lines: the field with the text
