@@ -1,6 +1,7 @@
 """N-way K-shot episodes over a labelled tensor of examples (Omniglot images, pen trajectories, ...)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ from torch import Tensor
 from metalstm.config import count
 from metalstm.core import TaskSpec
 from metalstm.data.episodes import SPLITS, EpisodeBatch, EpisodeConfig
-from metalstm.errors import ConfigError
+from metalstm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,28 @@ class ClassEpisodeConfig(EpisodeConfig):
         ways = self.train_ways or self.ways
         shots = self.shots if self.train_shots is None else self.train_shots
         return self.meta_batch_size * ways * (shots + self.query)
+
+    def examples_per_class(self) -> int:
+        """The examples an episode draws from one class: support and query, in training or at test."""
+        shots = self.shots if self.train_shots is None else self.train_shots
+        return max(shots + self.query, self.shots + self.eval_query)
+
+
+def drawable_classes(names: list[str], sizes: list[int], needed: int, dataset: str, examples: str, where: str,
+                     add: str) -> list[int]:
+    """Indices of the classes with at least ``needed`` examples; the others are logged as left out. Fewer than
+    three left (a class each for train, val and test): DataError, naming ``where`` they came from and what to
+    ``add``."""
+    small = [n for n, size in zip(names, sizes) if size < needed]
+    if small:
+        log.info("%s: left out %d class(es) with fewer than %d %s (shots + query): %s", dataset, len(small), needed,
+                 examples, ", ".join(small))
+    keep = [i for i, size in enumerate(sizes) if size >= needed]
+    if len(keep) < 3:
+        raise DataError(f"Only {len(keep)} class(es) of {where} have at least {needed} {examples} (shots + query); "
+                        f"a few-shot split needs train, val and test classes: {add} or lower "
+                        f"data.shots/data.query/data.eval_query.")
+    return keep
 
 
 def class_spec(input_shape: tuple[int, ...], ways: int, train_ways: int | None, stream: bool = False) -> TaskSpec:

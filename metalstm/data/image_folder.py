@@ -112,9 +112,8 @@ def build_image_folder(cfg: ImageFolderConfig) -> ClassTasks:
                         f"sub-folder of images per class.")
     splits = class_folders(root, cfg.split_seed, list(cfg.class_split))
     ordered = [folder for s in SPLITS for folder in splits[s]]
-    train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots
-    minimum = max(train_shots + cfg.query, cfg.shots + cfg.eval_query)
-    images, counts = load_class_images(root, ordered, cfg.image_size, cfg.channels, cfg.invert, cfg.cache_dir, minimum)
+    images, counts = load_class_images(root, ordered, cfg.image_size, cfg.channels, cfg.invert, cfg.cache_dir,
+                                       cfg.examples_per_class())
     sizes = {s: len(splits[s]) for s in SPLITS}
     split_classes = {"train": torch.arange(sizes["train"]),
                      "val": torch.arange(sizes["train"], sizes["train"] + sizes["val"]),

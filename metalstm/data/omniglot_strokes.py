@@ -63,8 +63,7 @@ class OmniglotStrokesConfig(ClassEpisodeConfig):
             if self.task == "complete" and getattr(self, key) is not None:
                 self.refuse(f"data.{key}={getattr(self, key)} applies to classification; data.task=complete adapts on "
                             f"data.shots drawings in training and at test. Remove data.{key}.")
-        shots = self.shots if self.train_shots is None else self.train_shots
-        needed = max(shots + self.query, self.shots + self.eval_query)
+        needed = self.examples_per_class()
         if needed > DRAWINGS_PER_CHARACTER:
             self.refuse(f"data.shots + data.query (or eval_query) = {needed} drawings per class or task, but a "
                         f"character has {DRAWINGS_PER_CHARACTER}; lower them.")

@@ -28,7 +28,7 @@ import torch
 
 from metalstm.config import count, setting
 from metalstm.core import TaskSpec
-from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec, drawable_classes
 from metalstm.data.episodes import SPLITS, split_by_shares
 from metalstm.errors import DataError
 
@@ -123,17 +123,11 @@ def encode(text: list[str], vocab: dict[str, int], length: int) -> torch.Tensor:
 
 def build_text(cfg: TextConfig) -> ClassTasks:
     corpus = read_corpus(cfg)
-    train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots
-    needed = max(train_shots + cfg.query, cfg.shots + cfg.eval_query)
-    small = sorted(name for name, texts in corpus.items() if len(texts) < needed)
-    if small:
-        log.info("text: left out %d class(es) with fewer than %d texts (shots + query): %s", len(small), needed,
-                 ", ".join(small))
-    names = sorted(name for name in corpus if name not in small)
-    if len(names) < 3:
-        raise DataError(f"Only {len(names)} class(es) of data.root={cfg.root} have at least {needed} texts (shots + "
-                        f"query); a few-shot split needs train, val and test classes: add classes or lower "
-                        f"data.shots/data.query/data.eval_query.")
+    every = sorted(corpus)
+    keep = drawable_classes(every, [len(corpus[n]) for n in every], cfg.examples_per_class(), "text", "texts",
+                            f"data.root={cfg.root}", "add classes")
+    names = [every[i] for i in keep]
+    small = [n for n in every if n not in names]
     splits = split_by_shares(len(names), cfg.class_split, cfg.split_seed)
     vocab = vocabulary([text for i in splits["train"] for text in corpus[names[i]]], cfg.vocab_size)
     most = max(len(corpus[n]) for n in names)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from metalstm.config import count, setting
 from metalstm.core import TaskSpec
-from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec
+from metalstm.data.class_tasks import ClassEpisodeConfig, ClassTasks, class_spec, drawable_classes
 from metalstm.data.episodes import SPLITS, split_by_shares
 from metalstm.errors import DataError
 
@@ -256,17 +256,10 @@ def split_classes(names: list[str], sets: list[str], cfg: TimeSeriesConfig) -> d
 
 def build_timeseries(cfg: TimeSeriesConfig) -> TimeSeriesTasks:
     classes, names, sets = load_sets(cfg)
-    train_shots = cfg.shots if cfg.train_shots is None else cfg.train_shots
-    needed = max(train_shots + cfg.query, cfg.shots + cfg.eval_query)
-    small = [n for n, c in zip(names, classes) if len(c) < needed]
-    if small:
-        log.info("timeseries: left out %d class(es) with fewer than %d series (shots + query): %s",
-                 len(small), needed, ", ".join(small))
-    keep = [i for i, c in enumerate(classes) if len(c) >= needed]
+    keep = drawable_classes(names, [len(c) for c in classes], cfg.examples_per_class(), "timeseries", "series",
+                            f"data.sets={list(cfg.sets)}", "add sets")
+    small = [n for i, n in enumerate(names) if i not in keep]
     classes, names, sets = [classes[i] for i in keep], [names[i] for i in keep], [sets[i] for i in keep]
-    if len(classes) < 3:
-        raise DataError(f"Only {len(classes)} class(es) of data.sets={list(cfg.sets)} have at least {needed} series "
-                        f"(shots + query); add sets or lower data.shots/data.query/data.eval_query.")
     splits = split_classes(names, sets, cfg)
     most = max(len(c) for c in classes)
     examples = torch.zeros(len(classes), most, *classes[0].shape[1:])
