@@ -16,16 +16,22 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters
 _done = False
 
 
+def glibc_function(name: str) -> ctypes._CFuncPtr | None:
+    """A function of glibc's malloc (``mallopt``, ``malloc_trim``), or None elsewhere (not Linux, musl, ...)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Serve large allocations from the heap and keep it on free; True where glibc took the settings."""
     global _done
-    if _done or not sys.platform.startswith("linux"):
+    mallopt = None if _done else glibc_function("mallopt")
+    if mallopt is None:
         return _done
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = all(mallopt(*setting) == 1 for setting in (
         (M_MMAP_THRESHOLD, 2**30),  # blocks up to 1 GiB come from the heap
@@ -38,10 +44,6 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the kernel (glibc's malloc_trim), so the resident set is what is in use
     (``memory_plan`` measures a step's growth from there). Elsewhere nothing happens."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)

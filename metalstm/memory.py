@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any
 
@@ -63,10 +64,22 @@ def address_space_room() -> int | None:
         if soft == resource.RLIM_INFINITY:
             return None
         with open("/proc/self/statm") as f:
-            size = int(f.read().split()[0]) * 4096
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except (ImportError, OSError, ValueError):
         return None
     return max(soft - size, 0)
+
+
+def current_bytes(device: torch.device) -> int | None:
+    """The memory in use now: allocated by torch on a GPU, the process's resident set on a CPU (Linux); None
+    where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
 
 
 def peak_bytes(device: torch.device) -> int | None:

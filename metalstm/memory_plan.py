@@ -20,7 +20,7 @@ import torch
 from metalstm.allocator import release_freed_memory
 from metalstm.core import EpisodeBatch
 from metalstm.errors import ConfigError, ResourceError
-from metalstm.memory import GIB, available_bytes, is_out_of_memory, peak_bytes, reset_peak
+from metalstm.memory import GIB, available_bytes, current_bytes, is_out_of_memory, peak_bytes, reset_peak
 
 log = logging.getLogger(__name__)
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -73,16 +73,6 @@ def restored(meta_learner: torch.nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def current_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch, int | None]], device: torch.device,

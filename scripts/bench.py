@@ -41,6 +41,7 @@ from metalstm.allocator import keep_freed_memory  # noqa: E402
 from metalstm.core import EpisodeBatch  # noqa: E402
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
 from metalstm.learners import BASE_LEARNERS, build_base_learner  # noqa: E402
+from metalstm.memory import current_bytes  # noqa: E402
 from metalstm.meta import META_LEARNERS, build_meta_learner  # noqa: E402
 from metalstm.meta.maml import VECTORIZE  # noqa: E402
 from metalstm.objectives import get_objective  # noqa: E402
@@ -106,15 +107,6 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 1
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def resident_bytes() -> int | None:
-    """The process's resident set now (Linux), or None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return None
-
-
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -178,7 +170,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    before = resident_bytes()  # the process before its first step: imports, model, data, optimizer
+    before = current_bytes(torch.device("cpu"))  # the process before its first step: imports, model, data, optimizer
     step()  # warm-up
     rates = []
     for _ in range(args.iters):
