@@ -93,6 +93,12 @@ def outside_functorch() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None
 
 
+def closed_form_norm(x: Tensor) -> bool:
+    """Whether BatchNorm of ``x`` runs through ``learners.norm.batch_norm``: on a CPU (where its second derivative
+    was measured faster), outside torch.func transforms (which a custom autograd Function does not support)."""
+    return x.device.type == "cpu" and outside_functorch()
+
+
 def in_tasks_vmap() -> bool:
     return getattr(_vmapped, "on", False)
 
@@ -131,7 +137,7 @@ class BatchNorm(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 training=self.training, momentum=self.momentum, eps=self.eps)
-        if x.device.type == "cpu" and outside_functorch():  # the closed-form second derivative (learners/norm.py)
+        if closed_form_norm(x):
             return batch_norm(x, self.weight, self.bias, self.eps)
         if not in_tasks_vmap():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalstm.config import choice, count
-from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, Params, TaskSpec, outside_functorch
+from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, Params, TaskSpec, closed_form_norm, outside_functorch
 from metalstm.learners.norm import batch_norm
 
 
@@ -81,13 +81,13 @@ class Conv4(BaseLearner):
         the T*C channels (task t's own statistics), and the head is a batched product. The same function as
         ``forward_with`` per task, in a few large kernels instead of T small ones."""
         tasks, n = x.shape[:2]
-        closed_form_norm = x.device.type == "cpu" and outside_functorch()  # see BatchNorm
+        closed_form = closed_form_norm(x)
         h = x.transpose(0, 1).flatten(1, 2)  # [n, T*C, H, W]
         for name, layer in self.body.named_children():
             weight, bias = params.get(f"body.{name}.weight"), params.get(f"body.{name}.bias")
             if isinstance(layer, nn.Conv2d):
                 h = F.conv2d(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
-            elif isinstance(layer, BatchNorm) and closed_form_norm:
+            elif isinstance(layer, BatchNorm) and closed_form:
                 h = batch_norm(h, weight.flatten(), bias.flatten(), layer.eps)
             elif isinstance(layer, BatchNorm):
                 h = F.batch_norm(h, None, None, weight.flatten(), bias.flatten(), training=True, eps=layer.eps)

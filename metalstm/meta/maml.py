@@ -21,7 +21,8 @@ Which parameters the inner loop adapts is ``adapted_names`` (option ``adapt``): 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -240,11 +241,8 @@ class MAML(MetaLearner):
                 names, stacked = list(adapted), self.tasks_stacked
 
                 def update(values: list[Tensor], create_graph: bool, step: int = step) -> list[Tensor]:
-                    previous, self.tasks_stacked = self.tasks_stacked, stacked  # also when the meta-backward recomputes
-                    try:
+                    with self.stacking(stacked):  # also when the meta-backward recomputes the step
                         loss = self.support_loss(dict(zip(names, values)), params, x, y, step)
-                    finally:
-                        self.tasks_stacked = previous
                     grads = torch.autograd.grad(loss, values, create_graph=create_graph)
                     return [p - self.step_size(n, step) * g for n, p, g in zip(names, values, grads)]
 
@@ -281,6 +279,15 @@ class MAML(MetaLearner):
             return sum(w * loss for w, (loss, _) in zip(weights, per_step)), per_step[-1][1]
         return self.query_loss(phi, qx, qy, steps)
 
+    @contextmanager
+    def stacking(self, stacked: bool) -> Iterator[None]:
+        """``tasks_stacked`` set to ``stacked`` inside, restored after."""
+        previous, self.tasks_stacked = self.tasks_stacked, stacked
+        try:
+            yield
+        finally:
+            self.tasks_stacked = previous
+
     def vectorize_mode(self, x: Tensor) -> str:
         """``cfg.vectorize`` with ``auto`` resolved for the device of ``x``: vmap, grouped or loop."""
         if self.cfg.vectorize != "auto":
@@ -297,11 +304,8 @@ class MAML(MetaLearner):
         then gets the meta-batch's tensors [T, ...] and ``tasks_stacked`` is set)."""
         mode = self.vectorize_mode(batch.support_x)
         if mode == "grouped":
-            self.tasks_stacked = True
-            try:
+            with self.stacking(True):
                 return fn(*batch)
-            finally:
-                self.tasks_stacked = False
         if mode == "vmap" and not self.vmap_failed:
             try:
                 with tasks_vmapped():
