@@ -170,12 +170,16 @@ def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, Episo
         spec, batch = source.spec, source.sample("train", 3, g)
         cfg = {"name": base, "hidden": 6, "input_dim": 4}
     else:
-        shapes = {"conv4": (1, 8, 8), "conv4-maxpool": (1, 8, 8), "mlp": (5,), "lstm_encoder": (4, 2)}
-        spec = {"task_type": "classification", "input_shape": shapes[base], "output_dim": 3}
+        shapes = {"conv4": (1, 8, 8), "conv4-maxpool": (1, 8, 8), "mlp": (5,), "lstm_encoder": (4, 2), "conv1d": (7, 3)}
+        spec = {"task_type": "classification", "input_shape": shapes[base], "output_dim": 3, "step_mask": base == "conv1d"}
         cfg = {"conv4": {"filters": 4, "blocks": 2}, "conv4-maxpool": {"filters": 4, "blocks": 2, "downsample": "maxpool"},
-               "mlp": {"hidden": [8]}, "lstm_encoder": {"hidden": 6, "input_dim": 4}}[base]
+               "mlp": {"hidden": [8]}, "lstm_encoder": {"hidden": 6, "input_dim": 4},
+               "conv1d": {"filters": 4, "blocks": 2, "kernel": 3, "input_dim": 4}}[base]
         cfg = {"name": base.split("-")[0], **cfg}
         x = torch.rand(3, 9, *shapes[base], generator=g)
+        if base == "conv1d":  # series of 4 to 7 observed steps, then padding
+            x[..., -1] = (torch.arange(7) < torch.randint(4, 8, (3, 9, 1), generator=g)).float()
+            x[..., :-1] *= x[..., -1:]
         y = torch.arange(3).repeat(3).expand(3, -1)
         batch = EpisodeBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
     torch.manual_seed(0)
@@ -188,7 +192,8 @@ def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, Episo
 VECTORIZE_CASES = [("conv4", {}), ("conv4", {"first_order": True}),
                    ("conv4", {"learned_lr": "per_layer_per_step", "per_step_bn": True, "multi_step_loss": True}),
                    ("conv4-maxpool", {"adapt": "head"}),
-                   ("mlp", {"learned_lr": "per_parameter"}), ("lstm_encoder", {}), ("lstm_seq2seq", {})]
+                   ("mlp", {"learned_lr": "per_parameter"}), ("lstm_encoder", {}), ("lstm_seq2seq", {}),
+                   ("conv1d", {"per_step_bn": True})]
 
 
 @pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])

@@ -92,6 +92,8 @@ def tiny_config(meta: str, variant: str | None, base: str, data: str, root, cach
         overrides += text_overrides(make_text_corpus(tmp_path / "text"))
     if base.startswith("lstm"):
         overrides += ["base_learner.hidden=8", "base_learner.input_dim=4"]
+    if base == "conv1d":
+        overrides += ["base_learner.filters=8", "base_learner.input_dim=4"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
 

@@ -13,6 +13,7 @@ from metalstm.data.omniglot_strokes import OmniglotStrokesConfig, build_omniglot
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig
 from metalstm.data.sinusoid import SinusoidSeqConfig, SinusoidSeqTasks
 from metalstm.errors import DataError
+from metalstm.learners.conv1d import Conv1D, Conv1DConfig
 from metalstm.learners.lstm import LSTMEncoder, LSTMEncoderConfig, LSTMLayer, LSTMSeq2Seq, LSTMSeq2SeqConfig
 from metalstm.meta.maml import MAML, MAMLConfig
 from metalstm.objectives import Forecast, Seq2Seq
@@ -44,6 +45,53 @@ def test_padding_does_not_change_the_encoding():
     z = encoder.embed_with(params, short)
     assert torch.allclose(z, encoder.embed_with(params, longer_pad))
     assert not torch.allclose(z, encoder.embed_with(params, different))
+
+
+def masked_series(values: torch.Tensor, length: int) -> torch.Tensor:
+    """values [n, steps, d] -> [n, length, d + 1]: observed steps, zero padding after, the step mask last."""
+    out = torch.zeros(values.shape[0], length, values.shape[2] + 1, dtype=values.dtype)
+    out[:, : values.shape[1], :-1], out[:, : values.shape[1], -1] = values, 1.0
+    return out
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_temporal_conv_features_ignore_the_padding_after_a_sequence(tokens):
+    """Without BatchNorm, a sequence padded to 9 steps or to 40 has the same features; an observed change does not."""
+    torch.manual_seed(0)
+    if tokens:
+        spec = {"task_type": "classification", "input_shape": (9,), "vocab": 6, "output_dim": 3}
+        short = torch.tensor([[3, 1, 4, 5, 2, 0, 0, 0, 0]])
+        longer, different = torch.cat([short, torch.zeros(1, 31, dtype=torch.long)], 1), short.clone()
+        different[0, 4] = 1
+    else:
+        spec = {"task_type": "classification", "input_shape": (9, 3), "step_mask": True, "output_dim": 3}
+        values = torch.randn(2, 5, 2)
+        short, longer = masked_series(values, 9), masked_series(values, 40)
+        different = short.clone()
+        different[0, 4, 0] += 1.0
+    net = Conv1D(Conv1DConfig(filters=4, blocks=3, kernel=3, input_dim=4, norm="none"), spec)
+    params = net.params()
+    features = net.embed_with(params, short)
+    assert features.shape == (short.shape[0], 4)
+    assert torch.allclose(features, net.embed_with(params, longer), atol=1e-6)
+    assert not torch.allclose(features[0], net.embed_with(params, different)[0], atol=1e-4)
+
+
+def test_second_order_maml_through_the_temporal_conv_matches_finite_differences():
+    """MAML's meta-gradient through conv1d with transductive BatchNorm and masked series, against central differences."""
+    torch.manual_seed(0)
+    spec = {"task_type": "classification", "input_shape": (6, 2), "step_mask": True, "output_dim": 2}
+    learner = Conv1D(Conv1DConfig(filters=3, blocks=2, kernel=3, input_dim=2), spec).double()
+    maml = MAML(learner, torch.nn.functional.cross_entropy, spec, MAMLConfig(inner_lr=0.5, inner_steps=2, vectorize="loop"))
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([masked_series(torch.randn(1, 6 - i % 3, 1, generator=g, dtype=torch.float64), 6) for i in range(8)])
+    x = x.view(2, 4, 6, 2)  # 2 tasks of 4 series, 4 to 6 observed steps each
+    y = torch.tensor([0, 1, 0, 1]).expand(2, -1)
+    batch = EpisodeBatch(x[:, :2], y[:, :2], x[:, 2:], y[:, 2:])
+    maml.meta_loss(batch).loss.backward()
+    analytic = torch.cat([p.grad.flatten() for p in maml.parameters()])
+    numeric = central_differences(lambda: maml.meta_loss(batch).loss, list(maml.parameters()))
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-7), (analytic - numeric).abs().max()
 
 
 def seq2seq_problem(first_order: bool) -> tuple[MAML, EpisodeBatch]:
