@@ -59,8 +59,9 @@ WORKLOADS = {
 }
 
 
-def workload(name: str, device: str, vectorize: str, task_chunk: int = 0, checkpoint_inner: bool = False,
-             inner_steps: int | None = None) -> tuple[torch.nn.Module, EpisodeBatch, str]:
+def workload(name: str, device: str, **options: object) -> tuple[torch.nn.Module, EpisodeBatch, str]:
+    """The meta-learner and a batch of workload ``name``; ``options``: MAML settings that differ from the workload's
+    (vectorize, task_chunk, checkpoint_inner, checkpoint_query, inner_steps)."""
     w = WORKLOADS[name]
     if w.get("seq"):
         source = SeqTasks(SeqTasksConfig(shots=w["shots"], query=w["query"]))
@@ -84,14 +85,13 @@ def workload(name: str, device: str, vectorize: str, task_chunk: int = 0, checkp
         shape = f"ways={w['ways']} shots={w['shots']} query={w['query']}"
     objective = get_objective(spec["task_type"])
     learner = build_base_learner(BASE_LEARNERS.parse(w["learner"]), spec)
-    method = w.get("meta", {**MAML, "vectorize": vectorize, "task_chunk": task_chunk, "checkpoint_inner": checkpoint_inner})
-    if inner_steps is not None:
-        method = {**method, "inner_steps": inner_steps}
+    method = {**w.get("meta", MAML), **options}
     meta = build_meta_learner(META_LEARNERS.parse(method), learner, objective.loss, spec)
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
     meta.diagnose = False  # as the training loop runs it between the steps it logs (no gate summaries)
     mode = (f" vectorize={meta.vectorize_mode(batch.support_x)} task_chunk={meta.task_chunk(batch)}"
-            f"{' checkpoint_inner' if checkpoint_inner else ''}" if hasattr(meta, "vectorize_mode") else "")
+            + "".join(f" {k}" for k in ("checkpoint_inner", "checkpoint_query") if method.get(k))
+            if hasattr(meta, "vectorize_mode") else "")
     return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 
 
@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--task-chunk", type=int, default=0, help="MAML's meta_learner.task_chunk (0: auto)")
     parser.add_argument("--checkpoint-inner", action="store_true",
                         help="MAML's meta_learner.checkpoint_inner: each inner step recomputed in the meta-backward")
+    parser.add_argument("--checkpoint-query", action="store_true",
+                        help="MAML's meta_learner.checkpoint_query: the query pass recomputes its activations")
     parser.add_argument("--steps", type=int, help="inner steps (default: the workload's)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
                         help="as trainer.precision: bf16-mixed runs the step's forward under bfloat16 autocast")
@@ -156,8 +158,11 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
-    meta, batch, shape = workload(args.workload, args.device, args.vectorize, args.task_chunk, args.checkpoint_inner,
-                                  args.steps)
+    options = {"inner_steps": args.steps} if args.steps else {}
+    if "meta" not in WORKLOADS[args.workload]:  # MAML's settings
+        options.update(vectorize=args.vectorize, task_chunk=args.task_chunk, checkpoint_inner=args.checkpoint_inner,
+                       checkpoint_query=args.checkpoint_query)
+    meta, batch, shape = workload(args.workload, args.device, **options)
     optimizer = meta.outer_optimizer(1e-3)
 
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed",
@@ -189,7 +194,8 @@ def main() -> None:
     if args.profile:
         # the work is counted on the same step run one task at a time: torch's counter takes a grouped
         # convolution's backward for a dense one (T times the work it does)
-        twin, _, _ = workload(args.workload, args.device, "loop", 1)
+        looped = {"vectorize": "loop", "task_chunk": 1} if "vectorize" in options else {}
+        twin, _, _ = workload(args.workload, args.device, **looped)
 
         def count() -> None:
             twin.meta_loss(batch).loss.backward()

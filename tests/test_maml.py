@@ -1,6 +1,8 @@
 """MAML's meta-gradient: second order differs from first order and matches finite differences."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,6 +289,106 @@ def test_checkpointed_inner_loop_matches_finite_differences_and_holds_one_steps_
     analytic = meta_gradient(maml, batch)
     numeric = central_differences(lambda: maml.meta_loss(batch).loss, list(maml.parameters()))
     assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-7), (analytic - numeric).abs().max()
+
+
+QUERY_CASES = [("conv4", {}), ("conv4", {"learned_lr": "per_layer_per_step", "per_step_bn": True, "multi_step_loss": True}),
+               ("conv4-maxpool", {}), ("conv4-maxpool", {"adapt": "head", "first_order": True})]
+
+
+@pytest.mark.parametrize("base,options", QUERY_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in QUERY_CASES])
+@pytest.mark.parametrize("mode,inner", [("loop", False), ("grouped", False), ("grouped", True)])
+@pytest.mark.parametrize("chunk_bytes", [2**30, 1])
+def test_recomputed_query_pass_gives_the_stored_graphs_meta_gradient(base, options, mode, inner, chunk_bytes, monkeypatch):
+    """checkpoint_query (Conv-4's blocks recomputed in the query pass's backward, whole or an image at a time) gives
+    the stored query pass's meta-loss, query outputs and meta-gradient, alone or with checkpoint_inner."""
+    from metalstm.learners import recomputed_block
+
+    monkeypatch.setattr(recomputed_block, "CHUNK_BYTES", chunk_bytes)
+    results = {}
+    for recompute in (False, True):
+        maml, batch = vectorize_problem(base, mode, checkpoint_inner=inner, checkpoint_query=recompute, **options)
+        out = maml.meta_loss(batch)
+        out.loss.backward()
+        results[recompute] = (out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()])
+    (loss, outputs, grads), (r_loss, r_outputs, r_grads) = results[False], results[True]
+    assert torch.allclose(loss, r_loss, atol=1e-6) and torch.allclose(outputs, r_outputs, atol=1e-5)
+    assert [g is None for g in grads] == [g is None for g in r_grads] and any(g is not None for g in grads)
+    assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, r_grads))
+
+
+def saved_bytes_peak(fn: Callable[[], None]) -> int:
+    """The most bytes autograd held saved at once while ``fn`` ran its forward and backward (a storage saved by
+    several nodes or as several views counted once)."""
+    import weakref
+
+    class Saved:
+        def __init__(self, t: Tensor):
+            self.t = t
+
+    held: dict[int, int] = {}  # storage address -> saves holding it
+    live, peak = [0], [0]
+
+    def release(address: int, size: int) -> None:
+        held[address] -= 1
+        if not held[address]:
+            del held[address]
+            live[0] -= size
+
+    def pack(t: Tensor) -> Saved:
+        holder, storage = Saved(t), t.untyped_storage()
+        if storage.data_ptr() not in held:
+            held[storage.data_ptr()] = 0
+            live[0] += storage.nbytes()
+            peak[0] = max(peak[0], live[0])
+        held[storage.data_ptr()] += 1
+        weakref.finalize(holder, release, storage.data_ptr(), storage.nbytes())
+        return holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.t):
+        fn()
+    return peak[0]
+
+
+@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+def test_recomputed_query_pass_matches_finite_differences_and_saves_a_fraction(downsample):
+    """Second-order MAML with checkpoint_query: the meta-gradient matches central differences (float64); and
+    Conv-4's recomputed query forward saves its blocks' inputs and outputs only, a fraction of the stored one's."""
+    from metalstm.learners.base import recomputed_activations
+
+    torch.manual_seed(0)
+    spec = {"task_type": "classification", "input_shape": (1, 8, 8), "output_dim": 2}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(2).repeat(4).expand(2, -1)
+    batch = EpisodeBatch(x[:, :2], y[:, :2], x[:, 2:], y[:, 2:])
+    learner = Conv4(Conv4Config(filters=3, blocks=2, downsample=downsample), spec).double()
+    maml = MAML(learner, F.cross_entropy, spec, MAMLConfig(inner_lr=0.3, inner_steps=1, vectorize="loop",
+                                                           checkpoint_query=True))
+    analytic = meta_gradient(maml, batch)
+    numeric = central_differences(lambda: maml.meta_loss(batch).loss, list(maml.parameters()))
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-7), (analytic - numeric).abs().max()
+
+    learner = Conv4(Conv4Config(filters=8, blocks=2, downsample=downsample), spec)
+    params, query_x, query_y = learner.params(), torch.randn(40, 1, 8, 8), torch.arange(2).repeat(20)
+
+    def query_pass() -> None:
+        F.cross_entropy(learner.forward_with(params, query_x), query_y).backward()
+
+    stored = saved_bytes_peak(query_pass)
+    with recomputed_activations():
+        assert saved_bytes_peak(query_pass) < {"stride": 0.6, "maxpool": 0.4}[downsample] * stored
+
+
+def test_recomputed_blocks_refuse_a_second_derivative():
+    from metalstm.learners.base import recomputed_activations
+
+    maml, batch = vectorize_problem("conv4", "loop")
+    params = maml.learner.params()
+    with recomputed_activations():
+        loss = F.cross_entropy(maml.learner.forward_with(params, batch.query_x[0]), batch.query_y[0])
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, params["body.0.weight"], create_graph=True, retain_graph=True)
+    assert torch.autograd.grad(loss, params["body.0.weight"])[0].abs().sum() > 0  # the first derivative is taken
 
 
 def test_checkpointed_inner_loop_runs_grouped_instead_of_vmap():

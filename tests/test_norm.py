@@ -1,4 +1,5 @@
-"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's."""
+"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's; Conv-4's recomputed block
+(metalstm/learners/recomputed_block.py) against the stored ops."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,3 +73,24 @@ def test_bf16_autocast_follows_torch_batch_norm():
     for a, b in zip(*results):
         assert a.dtype == b.dtype == torch.float32
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("pool,stride,size", [(True, 1, 7), (True, 1, 8), (False, 2, 9)])
+@pytest.mark.parametrize("chunk_bytes", [2**30, 500])
+def test_recomputed_block_is_conv_batch_norm_pool_relu_and_its_first_derivatives(pool, stride, size, chunk_bytes, monkeypatch):
+    """RecomputedBlock (whole batch, or a few images at a time) gives the stored ops' output and the gradients of
+    its input, the convolution's weight and bias, and BatchNorm's weight and bias (float64); odd sizes pool floored."""
+    from metalstm.learners import recomputed_block
+
+    monkeypatch.setattr(recomputed_block, "CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    inputs = [torch.randn(7, 3, size, size), torch.randn(4, 3, 3, 3), torch.randn(4), torch.rand(4) + 0.5, torch.randn(4)]
+    x, weight, bias, gamma, beta = (t.double().requires_grad_() for t in inputs)
+    stored = F.batch_norm(F.conv2d(x, weight, bias, stride, 1), None, None, gamma, beta, training=True, eps=1e-5)
+    stored = (F.max_pool2d(stored, 2) if pool else stored).relu()
+    recomputed = recomputed_block.RecomputedBlock.apply(x, weight, bias, gamma, beta, (stride, stride), (1, 1), pool, 1e-5)
+    assert recomputed.shape == stored.shape and torch.allclose(recomputed, stored, atol=1e-12)
+    upstream = torch.randn_like(stored)
+    for a, b in zip(torch.autograd.grad(stored, [x, weight, bias, gamma, beta], upstream),
+                    torch.autograd.grad(recomputed, [x, weight, bias, gamma, beta], upstream)):
+        assert torch.allclose(a, b, atol=1e-10)

@@ -113,6 +113,24 @@ def tasks_vmapped() -> Iterator[None]:
         _vmapped.on = previous
 
 
+def recomputing() -> bool:
+    return getattr(_recomputed, "on", False)
+
+
+_recomputed = threading.local()
+
+
+@contextmanager
+def recomputed_activations() -> Iterator[None]:
+    """The forwards inside are differentiated once, never twice: a learner may store less and recompute its
+    activations in the backward (Conv-4: ``RecomputedBlock``; MAML's ``checkpoint_query``)."""
+    previous, _recomputed.on = recomputing(), True
+    try:
+        yield
+    finally:
+        _recomputed.on = previous
+
+
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm over x [n, C, ...]. Transductive (``running=False``): normalised with the batch's own
     statistics, in training and at meta-test alike. ``running=True``: training forwards normalise with the

@@ -8,8 +8,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalstm.config import choice, count
-from metalstm.learners.base import BaseLearner, BatchNorm, LearnerConfig, Params, TaskSpec, closed_form_norm, outside_functorch
+from metalstm.learners.base import (
+    BaseLearner,
+    BatchNorm,
+    LearnerConfig,
+    Params,
+    TaskSpec,
+    closed_form_norm,
+    outside_functorch,
+    recomputing,
+)
 from metalstm.learners.norm import batch_norm
+from metalstm.learners.recomputed_block import RecomputedBlock
 
 
 @dataclass
@@ -66,6 +76,10 @@ class Conv4(BaseLearner):
         self.head = nn.Linear(self.embed_dim, spec["output_dim"])
 
     def forward(self, x: Tensor, embed: bool = False, targets: Tensor | None = None) -> Tensor:
+        recompute = self.bn_policy == "transductive" and recomputing() and outside_functorch()
+        if recompute and not torch.is_autocast_enabled(x.device.type):  # under autocast the stored path runs
+            features = self.recomputed_body(x)
+            return features if embed else self.head(features)
         h = self.body[0](x)
         if h.device.type == "cpu" and outside_functorch():
             # the rest in channels_last: on a CPU, BatchNorm, max-pool and the convolutions' backward run faster in
@@ -74,6 +88,16 @@ class Conv4(BaseLearner):
             h = h.contiguous(memory_format=torch.channels_last)
         features = self.body[1:](h)
         return features if embed else self.head(features)
+
+    def recomputed_body(self, x: Tensor) -> Tensor:
+        """The body as ``RecomputedBlock``s, which store each block's input and output only (first derivatives)."""
+        layers, h = list(self.body), x
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Conv2d):
+                norm, pool = layers[i + 1], isinstance(layers[i + 2], nn.MaxPool2d)
+                h = RecomputedBlock.apply(h, layer.weight, layer.bias, norm.weight, norm.bias, layer.stride, layer.padding,
+                                          pool, norm.eps)
+        return h.flatten(1)
 
     def forward_tasks(self, params: Params, x: Tensor, targets: Tensor | None = None) -> Tensor:
         """T tasks as one network T times as wide: x [T, n, C, H, W] -> [T, n, output_dim]. Task t's images are

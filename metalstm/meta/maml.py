@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -34,7 +34,7 @@ from torch.func import grad, vmap
 from metalstm.config import choice, count, fraction, positive
 from metalstm.core import EpisodeBatch, TaskSpec
 from metalstm.errors import ConfigError
-from metalstm.learners.base import BaseLearner, Params, in_tasks_vmap, tasks_vmapped
+from metalstm.learners.base import BaseLearner, Params, in_tasks_vmap, recomputed_activations, tasks_vmapped
 from metalstm.meta.base import GradientInForward, LossFn, MetaConfig, MetaLearner, MetaOutput, key
 
 LEARNED_LR = ("none", "per_layer_per_step", "per_parameter")
@@ -70,6 +70,10 @@ class MAMLConfig(MetaConfig):
     # step at a time (CheckpointedStep; the same meta-gradient). Memory: one inner step's graph instead of all of
     # them, for about one more support forward and backward per step. Runs loop or grouped (vmap: grouped)
     checkpoint_inner: bool = False
+    # the query pass stores each block's input and output only (Conv-4 with batch statistics: RecomputedBlock),
+    # recomputing the rest in its backward, a chunk of images at a time; the same meta-gradient. Memory: W2's query
+    # pass (300 images) holds a few MB instead of ~230 MB, for about one more convolution forward per block
+    checkpoint_query: bool = False
 
 
 class QueryLoss(torch.autograd.Function):
@@ -219,7 +223,8 @@ class MAML(MetaLearner):
 
         def task(t: int | None, *values: Tensor) -> tuple[Tensor, Tensor]:
             qx, qy = (x, y) if t is None else (x[t], y[t])
-            out = self.learner.forward_with(dict(zip(names, values)), qx, qy)
+            with recomputed_activations() if self.cfg.checkpoint_query else nullcontext():
+                out = self.learner.forward_with(dict(zip(names, values)), qx, qy)
             return self.loss_fn(out, qy), out
 
         return QueryLoss.apply(task, self.tasks_stacked, *phi.values())

@@ -1,0 +1,116 @@
+"""Conv-4's block, conv -> BatchNorm (the batch's own statistics) -> [max-pool 2] -> ReLU, as one autograd Function
+that stores only its input and output (and, with pooling, each window's argmax as one byte) instead of the four
+full-resolution tensors autograd keeps (convolution output, normalised output, pooling indices, ReLU output).
+
+Its backward recomputes the convolution, ``CHUNK_BYTES`` of its output at a time, in two passes over the images:
+BatchNorm's input gradient couples every image through two per-channel sums,
+    dL/dy = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dL/dz (z = gamma * xhat + beta),
+so the first pass gathers sum(g) and sum(g * xhat) and the second applies them and runs the convolution's backward.
+The forward gathers the batch statistics the same way. With one chunk (small batches) nothing is computed twice
+within a pass. First derivatives only: MAML's query pass (``meta_learner.checkpoint_query``), whose gradient w.r.t.
+the adapted weights is taken once; a second derivative through it is refused.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_BYTES = 8 * 2**20  # of convolution output recomputed at once (W2's block 1: 300 images, 57 MiB -> 8 chunks)
+
+
+def image_chunks(n: int, bytes_per_image: int) -> list[slice]:
+    size = max(1, CHUNK_BYTES // max(bytes_per_image, 1))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def window_argmax(flat: Tensor, width: int) -> Tensor:
+    """max_pool2d's flat input index (h * W + w) -> the position in its 2x2 window (2 * (h % 2) + w % 2), uint8."""
+    return (2 * ((flat // width) % 2) + (flat % width) % 2).to(torch.uint8)
+
+
+def unpool(grad: Tensor, arg: Tensor, size: tuple[int, int]) -> Tensor:
+    """grad [n, C, h, w] of a 2x2 max-pool's output, placed at each window's argmax ``arg`` -> [n, C, *size]."""
+    h, w = grad.shape[-2:]
+    rows = 2 * torch.arange(h, device=grad.device).view(h, 1) + (arg // 2).long()
+    flat = rows * size[1] + 2 * torch.arange(w, device=grad.device) + (arg % 2).long()
+    return F.max_unpool2d(grad, flat, 2, output_size=size)
+
+
+class RecomputedBlock(torch.autograd.Function):
+    """x [n, C_in, H, W] -> relu([maxpool](batch_norm(conv2d(x)))) [n, C, H', W']; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor,
+                stride: tuple[int, int], padding: tuple[int, int], pool: bool, eps: float) -> Tensor:
+        conv = lambda part: F.conv2d(part, weight, bias, stride, padding)  # noqa: E731
+        first = conv(x[:1])
+        channels, size = first.shape[1], tuple(first.shape[-2:])
+        chunks = image_chunks(x.shape[0], first[0].numel() * first.element_size())
+        if len(chunks) == 1:
+            y = conv(x)
+            var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        else:  # per-channel sums in float64 (no cancellation in E[y^2] - E[y]^2 at these sizes)
+            total = torch.zeros(2, channels, dtype=torch.float64, device=x.device)
+            for part in chunks:
+                y = conv(x[part]).double()
+                total += torch.stack([y.sum((0, 2, 3)), y.square().sum((0, 2, 3))])
+            count = x.shape[0] * size[0] * size[1]
+            mean64 = total[0] / count
+            var, mean = (total[1] / count - mean64.square()).clamp_min(0).to(x.dtype), mean64.to(x.dtype)
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = gamma * invstd, beta - mean * gamma * invstd  # z = y * scale + shift
+        out_size = (size[0] // 2, size[1] // 2) if pool else size
+        out = x.new_empty(x.shape[0], channels, *out_size)
+        arg = x.new_empty(out.shape, dtype=torch.uint8) if pool else None
+        for part in chunks:
+            z = (y if len(chunks) == 1 else conv(x[part])) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+            if pool:
+                z, flat = F.max_pool2d(z, 2, return_indices=True)
+                arg[part] = window_argmax(flat, size[1])
+            out[part] = z.clamp_min_(0)
+        ctx.conv_args, ctx.pool, ctx.size, ctx.chunks = (stride, padding), pool, size, chunks
+        ctx.save_for_backward(x, weight, bias, gamma, mean, invstd, out, arg)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("meta_learner.checkpoint_query recomputes Conv-4's blocks for first derivatives only; "
+                               "a second derivative through the query pass is not supported.")
+        x, weight, bias, gamma, mean, invstd, out, arg = ctx.saved_tensors
+        (stride, padding), pool, size, chunks = ctx.conv_args, ctx.pool, ctx.size, ctx.chunks
+        view = lambda t: t.view(-1, 1, 1)  # noqa: E731
+        grad_z_out = grad_out * (out > 0)
+
+        def recompute(part: slice) -> tuple[Tensor, Tensor]:  # (xhat, dL/dz) of a chunk of images
+            xhat = (F.conv2d(x[part], weight, bias, stride, padding) - view(mean)) * view(invstd)
+            grad_z = unpool(grad_z_out[part], arg[part], size) if pool else grad_z_out[part]
+            return xhat, grad_z
+
+        sums = torch.zeros(2, weight.shape[0], dtype=x.dtype, device=x.device)  # sum(g), sum(g * xhat)
+        kept = None
+        for part in chunks:
+            xhat, grad_z = kept = recompute(part)
+            sums += torch.stack([grad_z.sum((0, 2, 3)), (grad_z * xhat).sum((0, 2, 3))])
+        count = x.shape[0] * size[0] * size[1]
+        mean_g, mean_gx = sums[0] / count, sums[1] / count
+        needs = ctx.needs_input_grad
+        grad_x = torch.empty_like(x) if needs[0] else None
+        grad_w = torch.zeros_like(weight) if needs[1] else None
+        grad_b = torch.zeros_like(bias) if bias is not None and needs[2] else None
+        for part in chunks:
+            xhat, grad_z = kept if len(chunks) == 1 else recompute(part)
+            grad_y = view(gamma * invstd) * (grad_z - view(mean_g) - xhat * view(mean_gx))
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad_y, x[part], weight, [weight.shape[0]] if bias is not None else None, list(stride), list(padding),
+                [1, 1], False, [0, 0], 1, [needs[0], needs[1], grad_b is not None])
+            if grad_x is not None:
+                grad_x[part] = gx
+            if grad_w is not None:
+                grad_w += gw
+            if grad_b is not None:
+                grad_b += gb
+        return grad_x, grad_w, grad_b, sums[1] if needs[3] else None, sums[0] if needs[4] else None, None, None, None, None
