@@ -75,17 +75,21 @@ def restored(meta_learner: torch.nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+RECOMPUTE = ("checkpoint_inner", "checkpoint_query")  # MAML's settings that trade recomputation for memory
+
+
 def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch, int | None]], device: torch.device,
-                precision: str, checkpoint_inner: bool | None = None) -> tuple[int, list[int]] | None:
+                precision: str, recompute: dict[str, bool] | None = None) -> tuple[int, list[int]] | None:
     """The process's memory before the probes and each probe step's peak above it: a meta-loss and backward on each
-    (batch, task_chunk) in turn (task_chunk None: as configured). None where this platform cannot measure it."""
+    (batch, task_chunk) in turn (task_chunk None: as configured), with MAML's ``recompute`` settings (None: as
+    configured). None where this platform cannot measure it."""
     if device.type == "cpu":
         release_freed_memory()  # memory freed earlier (reading the data) would hide the probes' growth
     base = current_bytes(device)
     if base is None or peak_bytes(device) is None:
         return None
     cfg = getattr(meta_learner, "cfg", None)
-    knobs = {k: getattr(cfg, k) for k in ("task_chunk", "checkpoint_inner") if hasattr(cfg, k)}
+    knobs = {k: getattr(cfg, k) for k in ("task_chunk", *RECOMPUTE) if hasattr(cfg, k)}
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
     peaks = []
     with restored(meta_learner):
@@ -94,8 +98,9 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
             for batch, chunk in batches:
                 if "task_chunk" in knobs:
                     cfg.task_chunk = knobs["task_chunk"] if chunk is None else chunk
-                if checkpoint_inner is not None and "checkpoint_inner" in knobs:
-                    cfg.checkpoint_inner = checkpoint_inner
+                for key, value in (recompute or {}).items():
+                    if key in knobs:
+                        setattr(cfg, key, value)
                 if device.type == "cuda":
                     reset_peak(device)
                 batch = EpisodeBatch(*(t.to(device) for t in batch))
@@ -112,11 +117,11 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
 
 
 def measure(meta_learner: torch.nn.Module, batch: EpisodeBatch, device: torch.device, precision: str,
-            checkpoint_inner: bool | None = None) -> Estimate | None:
+            recompute: dict[str, bool] | None = None) -> Estimate | None:
     """The memory of a training step as fixed + per_task * alive, from probe steps on the first task of ``batch``
     and on all its tasks, their graphs alive together; None where this platform cannot measure it."""
     first = EpisodeBatch(*(t[:1] for t in batch))
-    probed = probe_peaks(meta_learner, [(first, 1), (batch, batch.num_tasks)], device, precision, checkpoint_inner)
+    probed = probe_peaks(meta_learner, [(first, 1), (batch, batch.num_tasks)], device, precision, recompute)
     if probed is None:
         return None
     base, (one, all_tasks) = probed
@@ -146,12 +151,13 @@ MARGIN = 0.95  # of the limit, for what the training loop holds beyond a probe s
 def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], batch_tasks: int, device: torch.device,
          precision: str, budget: int | None, drivers: str) -> Plan | None:
     """Measure a step's memory; refuse, before training, a run that does not fit the machine's free memory; under
-    a ``budget``, choose MAML's task_chunk and checkpoint_inner to fit it: as configured if that fits; else the
-    stored inner loop with the largest chunk of at least 2 tasks that fits; else the checkpointed inner loop with
-    the largest chunk that fits. ``draw(n)``: n training tasks. Probes on 1 and 2 tasks give a line (fixed +
-    per_task * alive) that proposes a chunk; one whole step with it, measured, decides (a step's resident set grows
-    faster than the line: W1's measured 18 % above it), halving the chunk until one fits. A probe that runs out of
-    memory counts as not fitting. None where memory cannot be measured here."""
+    a ``budget``, choose MAML's task_chunk, checkpoint_inner and checkpoint_query to fit it: as configured if that
+    fits; else, in turn, as configured, with the inner loop checkpointed, and with the query pass recomputed too
+    (where the base learner can), the largest chunk that fits (at least 2 tasks, 1 in the last).
+    ``draw(n)``: n training tasks. Probes on 1 and 2 tasks give a line (fixed + per_task * alive) that proposes a
+    chunk; one whole step with it, measured, decides (a step's resident set grows faster than the line: W1's
+    measured 18 % above it), halving the chunk until one fits. A probe that runs out of memory counts as not
+    fitting. None where memory cannot be measured here."""
     pair = draw(2)
     try:
         estimate = measure(meta_learner, pair, device, precision)
@@ -171,10 +177,10 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
     batch = draw(batch_tasks)
     measured: list[int] = []
 
-    def step_need(chunk: int | None, checkpoint_inner: bool | None = None) -> int | None:
+    def step_need(chunk: int | None, recompute: dict[str, bool] | None = None) -> int | None:
         """A whole step's measured need (the process's memory before it, plus its peak); None: out of memory."""
         try:
-            base, (peak,) = probe_peaks(meta_learner, [(batch, chunk)], device, precision, checkpoint_inner)
+            base, (peak,) = probe_peaks(meta_learner, [(batch, chunk)], device, precision, recompute)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -199,24 +205,29 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
                     if second_order else "set meta_learner.task_chunk=1 or lower " if hasattr(cfg, "task_chunk") else "lower ")
         raise refusal(need, limit, device, which, drivers, chunking + settings)
     if second_order:
-        tries = [(False, estimate)] if not cfg.checkpoint_inner else []
-        checkpointed = estimate if cfg.checkpoint_inner else measure(meta_learner, pair, device, precision, True)
-        tries += [(True, checkpointed)] if checkpointed is not None else []
-        for checkpoint, line in tries:
-            smallest = 1 if checkpoint else 2
-            chunk = min(line.most_alive(target), alive if checkpoint and not cfg.checkpoint_inner else alive - 1)
+        configured = {key: getattr(cfg, key) for key in RECOMPUTE}
+        tiers = [configured, {**configured, "checkpoint_inner": True}]
+        if meta_learner.learner.recomputes():
+            tiers.append({"checkpoint_inner": True, "checkpoint_query": True})
+        tiers = [tier for i, tier in enumerate(tiers) if tier not in tiers[:i]]
+        for tier in tiers:
+            line = estimate if tier == configured else measure(meta_learner, pair, device, precision, tier)
+            if line is None:
+                continue
+            smallest = 1 if tier is tiers[-1] else 2  # one task at a time only with every recomputation on
+            chunk = min(line.most_alive(target), alive - 1 if tier == configured else alive)
             while chunk >= smallest:
-                chunk_need = step_need(chunk, checkpoint)
+                chunk_need = step_need(chunk, tier)
                 if chunk_need is not None and chunk_need <= target:
                     changes: dict[str, object] = {"task_chunk": chunk}
-                    if checkpoint and not cfg.checkpoint_inner:
-                        changes["checkpoint_inner"] = True
+                    changes.update({key: True for key, value in tier.items() if value and not configured[key]})
                     return fitted(meta_learner, Plan(chunk_need, limit, changes))
                 chunk = chunk // 2 if chunk > smallest else 0
+        every = " and ".join(f"meta_learner.{key}=true" for key, value in tiers[-1].items() if value)
         raise refusal(min(measured) if measured else need, limit, device, which, drivers,
-                      "even with meta_learner.task_chunk=1 and meta_learner.checkpoint_inner=true (one task's inner "
-                      f"step at a time): lower {settings}, use fewer meta_learner.inner_steps, set "
-                      "meta_learner.first_order=true, or raise memory_budget")
+                      f"even with meta_learner.task_chunk=1 and {every} (one task at a time, recomputed): "
+                      f"lower {settings}, use fewer meta_learner.inner_steps, set meta_learner.first_order=true, "
+                      "or raise memory_budget")
     raise refusal(need, limit, device, which, drivers, f"lower {settings}, or raise memory_budget")
 
 

@@ -60,6 +60,10 @@ class BaseLearner(nn.Module):
         """The meta-learned parameters (leaves), keyed by name."""
         return dict(self.named_parameters())
 
+    def recomputes(self) -> bool:
+        """Whether forwards under ``recomputed_activations`` store less (Conv-4 with batch statistics)."""
+        return False
+
     def head_names(self) -> set[str]:
         """Names (as in ``params()``) of the head's parameters: the last layer."""
         return {f"head.{n}" for n, _ in self.head.named_parameters()}

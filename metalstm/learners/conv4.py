@@ -76,8 +76,7 @@ class Conv4(BaseLearner):
         self.head = nn.Linear(self.embed_dim, spec["output_dim"])
 
     def forward(self, x: Tensor, embed: bool = False, targets: Tensor | None = None) -> Tensor:
-        recompute = self.bn_policy == "transductive" and recomputing() and outside_functorch()
-        if recompute and not torch.is_autocast_enabled(x.device.type):  # under autocast the stored path runs
+        if self.recomputes() and recomputing() and outside_functorch() and not torch.is_autocast_enabled(x.device.type):
             features = self.recomputed_body(x)
             return features if embed else self.head(features)
         h = self.body[0](x)
@@ -89,8 +88,12 @@ class Conv4(BaseLearner):
         features = self.body[1:](h)
         return features if embed else self.head(features)
 
+    def recomputes(self) -> bool:
+        return self.bn_policy == "transductive"  # RecomputedBlock normalises with the batch's statistics
+
     def recomputed_body(self, x: Tensor) -> Tensor:
-        """The body as ``RecomputedBlock``s, which store each block's input and output only (first derivatives)."""
+        """The body as ``RecomputedBlock``s, which store each block's input and output only (first derivatives; float32:
+        under autocast the stored path runs)."""
         layers, h = list(self.body), x
         for i, layer in enumerate(layers):
             if isinstance(layer, nn.Conv2d):
