@@ -159,7 +159,8 @@ def out_of_memory(error: BaseException, settings: Any, device: torch.device, pha
     first_order = ", or set meta_learner.first_order=true" if second_order else ""
     gpu = "" if device.type == "cuda" else ", or train on a GPU (trainer=gpu)"
     chunk = ("meta_learner.task_chunk=1 (the same meta-gradient, one task's graph held at a time) and "
-             "meta_learner.checkpoint_inner=true (one inner step's graph at a time), then "
+             "meta_learner.checkpoint_inner=true (one inner step's graph at a time; with Conv-4 also "
+             "meta_learner.checkpoint_query=true, its query pass recomputed), then "
              if hasattr(settings.meta_learner.config, "checkpoint_inner") and phase == "meta-training" else "")
     return ResourceError(
         f"Out of memory during {phase} on {where} ({first}). Memory grows with the tasks per batch, the examples per "
