@@ -191,6 +191,20 @@ def vectorize_problem(base: str, vectorize: str, **options) -> tuple[MAML, Episo
     return maml, batch
 
 
+def meta_result(maml: MAML, batch: EpisodeBatch) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """A meta-loss, its query outputs and the meta-gradient of every parameter (None: no gradient)."""
+    out = maml.meta_loss(batch)
+    out.loss.backward()
+    return out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()]
+
+
+def assert_same_meta_result(expected: tuple, got: tuple) -> None:
+    (loss, outputs, grads), (g_loss, g_outputs, g_grads) = expected, got
+    assert torch.allclose(loss, g_loss, atol=1e-6) and torch.allclose(outputs, g_outputs, atol=1e-5)
+    assert [g is None for g in grads] == [g is None for g in g_grads] and any(g is not None for g in grads)
+    assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, g_grads))
+
+
 VECTORIZE_CASES = [("conv4", {}), ("conv4", {"first_order": True}),
                    ("conv4", {"learned_lr": "per_layer_per_step", "per_step_bn": True, "multi_step_loss": True}),
                    ("conv4-maxpool", {"adapt": "head"}),
@@ -228,15 +242,9 @@ def test_meta_gradient_taken_chunk_by_chunk_is_the_whole_batchs(base, options, m
     for vectorize, chunk in (("vmap", 0), (mode, 1), (mode, 2)):
         maml, batch = vectorize_problem(base, vectorize, task_chunk=chunk, **options)
         assert maml.task_chunk(batch) == (chunk or 3)
-        out = maml.meta_loss(batch)
-        out.loss.backward()
-        results[chunk] = (out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()])
-    (loss, outputs, grads) = results[0]
-    for chunk in (1, 2):
-        c_loss, c_outputs, c_grads = results[chunk]
-        assert torch.allclose(loss, c_loss, atol=1e-6) and torch.allclose(outputs, c_outputs, atol=1e-5)
-        assert [g is None for g in grads] == [g is None for g in c_grads] and any(g is not None for g in grads)
-        assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, c_grads))
+        results[chunk] = meta_result(maml, batch)
+    assert_same_meta_result(results[0], results[1])
+    assert_same_meta_result(results[0], results[2])
 
 
 @pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])
@@ -244,17 +252,9 @@ def test_meta_gradient_taken_chunk_by_chunk_is_the_whole_batchs(base, options, m
 def test_checkpointed_inner_loop_gives_the_stored_graphs_meta_gradient(base, options, mode, chunk):
     """checkpoint_inner (each inner step recomputed in the meta-backward) gives the stored graph's meta-loss, query
     outputs and meta-gradient of every parameter (learned step sizes, per-step norms, frozen body included)."""
-    results = {}
-    for checkpoint in (False, True):
-        maml, batch = vectorize_problem(base, "vmap" if not checkpoint else mode, task_chunk=chunk,
-                                        checkpoint_inner=checkpoint, **options)
-        out = maml.meta_loss(batch)
-        out.loss.backward()
-        results[checkpoint] = (out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()])
-    (loss, outputs, grads), (c_loss, c_outputs, c_grads) = results[False], results[True]
-    assert torch.allclose(loss, c_loss, atol=1e-6) and torch.allclose(outputs, c_outputs, atol=1e-5)
-    assert [g is None for g in grads] == [g is None for g in c_grads] and any(g is not None for g in grads)
-    assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, c_grads))
+    stored = meta_result(*vectorize_problem(base, "vmap", task_chunk=chunk, **options))
+    checkpointed = meta_result(*vectorize_problem(base, mode, task_chunk=chunk, checkpoint_inner=True, **options))
+    assert_same_meta_result(stored, checkpointed)
 
 
 def peak_saved_elements(maml: MAML, batch: EpisodeBatch) -> int:
@@ -304,16 +304,9 @@ def test_recomputed_query_pass_gives_the_stored_graphs_meta_gradient(base, optio
     from metalstm.learners import recomputed_block
 
     monkeypatch.setattr(recomputed_block, "CHUNK_BYTES", chunk_bytes)
-    results = {}
-    for recompute in (False, True):
-        maml, batch = vectorize_problem(base, mode, checkpoint_inner=inner, checkpoint_query=recompute, **options)
-        out = maml.meta_loss(batch)
-        out.loss.backward()
-        results[recompute] = (out.loss.detach(), out.query_outputs, [p.grad for p in maml.parameters()])
-    (loss, outputs, grads), (r_loss, r_outputs, r_grads) = results[False], results[True]
-    assert torch.allclose(loss, r_loss, atol=1e-6) and torch.allclose(outputs, r_outputs, atol=1e-5)
-    assert [g is None for g in grads] == [g is None for g in r_grads] and any(g is not None for g in grads)
-    assert all(a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, r_grads))
+    stored = meta_result(*vectorize_problem(base, mode, checkpoint_inner=inner, **options))
+    assert_same_meta_result(stored, meta_result(*vectorize_problem(base, mode, checkpoint_inner=inner,
+                                                                   checkpoint_query=True, **options)))
 
 
 def saved_bytes_peak(fn: Callable[[], None]) -> int:
