@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,7 +89,25 @@ class BaseLearner(nn.Module):
             return vmap(self.forward_with, in_dims=(0, 0, None if targets is None else 0))(params, x, targets)
 
 
-_vmapped = threading.local()
+class ThreadFlag:
+    """A per-thread switch the learners' forwards read: off, except inside ``with flag.turned_on():`` (nestable)."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def on(self) -> bool:
+        return getattr(self.local, "on", False)
+
+    @contextmanager
+    def turned_on(self) -> Iterator[None]:
+        previous, self.local.on = self.on(), True
+        try:
+            yield
+        finally:
+            self.local.on = previous
+
+
+_vmapped, _recomputed = ThreadFlag(), ThreadFlag()
 
 
 def outside_functorch() -> bool:
@@ -104,35 +122,22 @@ def closed_form_norm(x: Tensor) -> bool:
 
 
 def in_tasks_vmap() -> bool:
-    return getattr(_vmapped, "on", False)
+    return _vmapped.on()
 
 
-@contextmanager
-def tasks_vmapped() -> Iterator[None]:
+def tasks_vmapped() -> AbstractContextManager[None]:
     """Forwards inside run under ``vmap`` over tasks whose weights differ (see ``BatchNorm``)."""
-    previous, _vmapped.on = in_tasks_vmap(), True
-    try:
-        yield
-    finally:
-        _vmapped.on = previous
+    return _vmapped.turned_on()
 
 
 def recomputing() -> bool:
-    return getattr(_recomputed, "on", False)
+    return _recomputed.on()
 
 
-_recomputed = threading.local()
-
-
-@contextmanager
-def recomputed_activations() -> Iterator[None]:
+def recomputed_activations() -> AbstractContextManager[None]:
     """The forwards inside are differentiated once, never twice: a learner may store less and recompute its
     activations in the backward (Conv-4: ``RecomputedBlock``; MAML's ``checkpoint_query``)."""
-    previous, _recomputed.on = recomputing(), True
-    try:
-        yield
-    finally:
-        _recomputed.on = previous
+    return _recomputed.turned_on()
 
 
 class BatchNorm(nn.BatchNorm2d):
