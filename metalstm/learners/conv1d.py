@@ -37,10 +37,7 @@ class Conv1D(BaseLearner):
 
     @classmethod
     def refusal(cls, cfg: Conv1DConfig, spec: TaskSpec) -> str | None:
-        if spec.get("output_length"):
-            return ("base_learner=conv1d predicts one output per sequence, but this data set's targets are "
-                    "sequences; use base_learner=lstm_seq2seq.")
-        return SequenceInput.refusal(spec, "conv1d")
+        return SequenceInput.one_output_refusal(spec, "conv1d")
 
     def __init__(self, cfg: Conv1DConfig, spec: TaskSpec):
         super().__init__()

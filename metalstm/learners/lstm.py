@@ -81,6 +81,14 @@ class SequenceInput(nn.Module):
         return (f"base_learner={group} needs sequences (tokens [length] or real-valued steps [length, features]), "
                 f"but this data set's examples have shape {list(shape)}; use base_learner=conv4 or mlp.")
 
+    @staticmethod
+    def one_output_refusal(spec: TaskSpec, group: str) -> str | None:
+        """``refusal`` for a learner with one output per sequence (lstm_encoder, conv1d)."""
+        if spec.get("output_length"):
+            return (f"base_learner={group} predicts one output per sequence, but this data set's targets are "
+                    "sequences; use base_learner=lstm_seq2seq.")
+        return SequenceInput.refusal(spec, group)
+
     def __init__(self, spec: TaskSpec, input_dim: int):
         super().__init__()
         shape = tuple(spec["input_shape"])
@@ -103,10 +111,7 @@ class LSTMEncoder(BaseLearner):
 
     @classmethod
     def refusal(cls, cfg: LSTMEncoderConfig, spec: TaskSpec) -> str | None:
-        if spec.get("output_length"):
-            return ("base_learner=lstm_encoder predicts one output per sequence, but this data set's "
-                    "targets are sequences; use base_learner=lstm_seq2seq.")
-        return SequenceInput.refusal(spec, "lstm_encoder")
+        return SequenceInput.one_output_refusal(spec, "lstm_encoder")
 
     def __init__(self, cfg: LSTMEncoderConfig, spec: TaskSpec):
         super().__init__()
