@@ -75,9 +75,6 @@ def restored(meta_learner: torch.nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-RECOMPUTE = ("checkpoint_inner", "checkpoint_query")  # MAML's settings that trade recomputation for memory
-
-
 def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch, int | None]], device: torch.device,
                 precision: str, recompute: dict[str, bool] | None = None) -> tuple[int, list[int]] | None:
     """The process's memory before the probes and each probe step's peak above it: a meta-loss and backward on each
@@ -89,7 +86,7 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
     if base is None or peak_bytes(device) is None:
         return None
     cfg = getattr(meta_learner, "cfg", None)
-    knobs = {k: getattr(cfg, k) for k in ("task_chunk", *RECOMPUTE) if hasattr(cfg, k)}
+    knobs = {k: getattr(cfg, k) for k in ("task_chunk", *getattr(cfg, "RECOMPUTE", ())) if hasattr(cfg, k)}
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
     peaks = []
     with restored(meta_learner):
@@ -207,7 +204,7 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
                     if second_order else "set meta_learner.task_chunk=1 or lower " if hasattr(cfg, "task_chunk") else "lower ")
         raise refusal(need, limit, device, which, drivers, chunking + settings)
     if second_order:
-        configured = {key: getattr(cfg, key) for key in RECOMPUTE}
+        configured = {key: getattr(cfg, key) for key in cfg.RECOMPUTE}
         tiers = [configured, {**configured, "checkpoint_inner": True}]
         if meta_learner.learner.recomputes():
             tiers.append({"checkpoint_inner": True, "checkpoint_query": True})

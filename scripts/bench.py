@@ -43,7 +43,7 @@ from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
 from metalstm.learners import BASE_LEARNERS, build_base_learner  # noqa: E402
 from metalstm.memory import current_bytes  # noqa: E402
 from metalstm.meta import META_LEARNERS, build_meta_learner  # noqa: E402
-from metalstm.meta.maml import VECTORIZE  # noqa: E402
+from metalstm.meta.maml import VECTORIZE, MAMLConfig  # noqa: E402
 from metalstm.objectives import get_objective  # noqa: E402
 
 MAML = {"name": "maml", "inner_lr": 0.4, "inner_steps": 5}
@@ -90,7 +90,7 @@ def workload(name: str, device: str, **options: object) -> tuple[torch.nn.Module
     meta, batch = meta.to(device), EpisodeBatch(*(t.to(device) for t in batch))
     meta.diagnose = False  # as the training loop runs it between the steps it logs (no gate summaries)
     mode = (f" vectorize={meta.vectorize_mode(batch.support_x)} task_chunk={meta.task_chunk(batch)}"
-            + "".join(f" {k}" for k in ("checkpoint_inner", "checkpoint_query") if method.get(k))
+            + "".join(f" {k}" for k in MAMLConfig.RECOMPUTE if method.get(k))
             if hasattr(meta, "vectorize_mode") else "")
     return meta, batch, f"{shape} {method['name']} meta_batch={w['meta_batch']} steps={method['inner_steps']}{mode}"
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ class MAMLConfig(MetaConfig):
     # recomputing the rest in its backward, a chunk of images at a time; the same meta-gradient. Memory: W2's query
     # pass (300 images) holds a few MB instead of ~230 MB, for about one more convolution forward per block
     checkpoint_query: bool = False
+    RECOMPUTE: ClassVar[tuple[str, ...]] = ("checkpoint_inner", "checkpoint_query")  # recomputation for memory (memory_plan)
 
 
 class QueryLoss(torch.autograd.Function):
