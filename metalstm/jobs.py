@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from metalstm.allocator import release_freed_memory
 from metalstm.assembly import (
     Settings,
     build_module,
@@ -199,6 +200,8 @@ def plan_memory(module: MetaLearningModule, datamodule: FewShotDataModule, setti
         chosen = plan(module.meta_learner, draw, settings.data.config.meta_batch_size, device,
                       str(config["trainer"].get("precision", "32-true")), settings.run.memory_budget_bytes,
                       drivers(settings))
+    if device.type == "cpu":
+        release_freed_memory()  # training starts from the heap in use, not the probes' high-water mark
     if chosen is None:
         return None
     limit = f", limit {chosen.limit / GIB:.2f} GiB" if chosen.limit is not None else ""

@@ -110,8 +110,6 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
         finally:
             for k, v in knobs.items():
                 setattr(cfg, k, v)
-    if device.type == "cpu":
-        release_freed_memory()  # training (or the next probe) starts from the heap in use, not the probes' high-water mark
     return base, peaks
 
 
