@@ -257,25 +257,37 @@ def test_checkpointed_inner_loop_gives_the_stored_graphs_meta_gradient(base, opt
     assert_same_meta_result(stored, checkpointed)
 
 
-def peak_saved_elements(maml: MAML, batch: EpisodeBatch) -> int:
-    """The most elements autograd's graphs held saved at once during a meta-loss and its backward."""
+def peak_saved_bytes(fn: Callable[[], None], per_storage: bool = False) -> int:
+    """The most bytes autograd held saved at once while ``fn`` ran its forward and backward: every save counted, or
+    with ``per_storage`` a storage saved by several nodes or as several views counted once (whole)."""
     import weakref
 
     class Saved:
         def __init__(self, t: Tensor):
             self.t = t
 
+    held: dict[int, int] = {}  # storage address (per_storage) or save -> saves holding it
     live, peak = [0], [0]
 
+    def release(key: int, size: int) -> None:
+        held[key] -= 1
+        if not held[key]:
+            del held[key]
+            live[0] -= size
+
     def pack(t: Tensor) -> Saved:
-        holder = Saved(t)
-        live[0] += t.numel()
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(holder, lambda n=t.numel(): live.__setitem__(0, live[0] - n))
+        holder, storage = Saved(t), t.untyped_storage()
+        key, size = (storage.data_ptr(), storage.nbytes()) if per_storage else (id(holder), t.numel() * t.element_size())
+        if key not in held:
+            held[key] = 0
+            live[0] += size
+            peak[0] = max(peak[0], live[0])
+        held[key] += 1
+        weakref.finalize(holder, release, key, size)
         return holder
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.t):
-        maml.meta_loss(batch).loss.backward()
+        fn()
     return peak[0]
 
 
@@ -283,9 +295,12 @@ def peak_saved_elements(maml: MAML, batch: EpisodeBatch) -> int:
 def test_checkpointed_inner_loop_matches_finite_differences_and_holds_one_steps_graph(vectorize):
     maml, batch = tiny_problem(first_order=False, steps=6)
     maml.cfg.vectorize = vectorize
-    stored = peak_saved_elements(maml, batch)
+    def step() -> None:
+        maml.meta_loss(batch).loss.backward()
+
+    stored = peak_saved_bytes(step)
     maml.cfg.checkpoint_inner = True
-    assert peak_saved_elements(maml, batch) < 0.6 * stored  # one step's graph at a time instead of six (and phi_s)
+    assert peak_saved_bytes(step) < 0.6 * stored  # one step's graph at a time instead of six (and phi_s)
     analytic = meta_gradient(maml, batch)
     numeric = central_differences(lambda: maml.meta_loss(batch).loss, list(maml.parameters()))
     assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-7), (analytic - numeric).abs().max()
@@ -307,39 +322,6 @@ def test_recomputed_query_pass_gives_the_stored_graphs_meta_gradient(base, optio
     stored = meta_result(*vectorize_problem(base, mode, checkpoint_inner=inner, **options))
     assert_same_meta_result(stored, meta_result(*vectorize_problem(base, mode, checkpoint_inner=inner,
                                                                    checkpoint_query=True, **options)))
-
-
-def saved_bytes_peak(fn: Callable[[], None]) -> int:
-    """The most bytes autograd held saved at once while ``fn`` ran its forward and backward (a storage saved by
-    several nodes or as several views counted once)."""
-    import weakref
-
-    class Saved:
-        def __init__(self, t: Tensor):
-            self.t = t
-
-    held: dict[int, int] = {}  # storage address -> saves holding it
-    live, peak = [0], [0]
-
-    def release(address: int, size: int) -> None:
-        held[address] -= 1
-        if not held[address]:
-            del held[address]
-            live[0] -= size
-
-    def pack(t: Tensor) -> Saved:
-        holder, storage = Saved(t), t.untyped_storage()
-        if storage.data_ptr() not in held:
-            held[storage.data_ptr()] = 0
-            live[0] += storage.nbytes()
-            peak[0] = max(peak[0], live[0])
-        held[storage.data_ptr()] += 1
-        weakref.finalize(holder, release, storage.data_ptr(), storage.nbytes())
-        return holder
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.t):
-        fn()
-    return peak[0]
 
 
 @pytest.mark.parametrize("downsample", ["stride", "maxpool"])
@@ -367,9 +349,9 @@ def test_recomputed_query_pass_matches_finite_differences_and_saves_a_fraction(d
     def query_pass() -> None:
         F.cross_entropy(learner.forward_with(params, query_x), query_y).backward()
 
-    stored = saved_bytes_peak(query_pass)
+    stored = peak_saved_bytes(query_pass, per_storage=True)
     with recomputed_activations():
-        assert saved_bytes_peak(query_pass) < {"stride": 0.6, "maxpool": 0.4}[downsample] * stored
+        assert peak_saved_bytes(query_pass, per_storage=True) < {"stride": 0.6, "maxpool": 0.4}[downsample] * stored
 
 
 def test_recomputed_blocks_refuse_a_second_derivative():
