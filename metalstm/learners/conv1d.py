@@ -58,16 +58,10 @@ class Conv1D(BaseLearner):
     def forward(self, x: Tensor, embed: bool = False, targets: Tensor | None = None) -> Tensor:
         h, mask = self.input(x)
         h = h.transpose(1, 2)  # [n, input_dim, L]
-        observed = None if mask is None else mask[:, None].to(h.dtype)  # [n, 1, L]
+        observed = h.new_ones(h.shape[0], 1, h.shape[2]) if mask is None else mask[:, None].to(h.dtype)  # [n, 1, L]
         for block in self.body:
-            if observed is not None:
-                h = h * observed
             # ceil_mode: an odd last step is pooled alone, and a length of 1 stays 1 (short sequences, many blocks)
-            h = F.max_pool1d(F.relu(block(h)), 2, ceil_mode=True)
-            if observed is not None:
-                observed = F.max_pool1d(observed, 2, ceil_mode=True)  # observed if either of its two steps is
-        if observed is None:
-            features = h.mean(-1)
-        else:
-            features = (h * observed).sum(-1) / observed.sum(-1).clamp_min(1.0)
+            h = F.max_pool1d(F.relu(block(h * observed)), 2, ceil_mode=True)
+            observed = F.max_pool1d(observed, 2, ceil_mode=True)  # observed if either of its two steps is
+        features = (h * observed).sum(-1) / observed.sum(-1).clamp_min(1.0)
         return features if embed else self.head(features)
