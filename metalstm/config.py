@@ -201,6 +201,11 @@ class Config:
     def refuse(self, message: str) -> None:
         raise ConfigError(message)
 
+    def check_three_shares(self, name: str) -> None:
+        """Field ``name`` (positive shares, by its rule) holds exactly three: train, validation, test."""
+        if len(getattr(self, name)) != 3:
+            self.refuse(f"{self.key(name)}={list(getattr(self, name))} must be three positive shares (train, val, test).")
+
 
 STORED: list[tuple[str, str, dict[str, Any]]] = []  # every (group, option, defaults) given to Hydra, for the cache
 

@@ -55,8 +55,7 @@ class ImageFolderConfig(ClassEpisodeConfig):
     def check(self) -> None:
         if not self.root:
             self.refuse("data=image_folder needs data.root=<a folder with one sub-folder of images per class>.")
-        if len(self.class_split) != 3:
-            self.refuse(f"data.class_split={list(self.class_split)} must be three positive shares (train, val, test).")
+        self.check_three_shares("class_split")
 
     def example_shape(self) -> tuple[int, ...]:
         return (self.channels, self.image_size, self.image_size)

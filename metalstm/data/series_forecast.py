@@ -52,8 +52,7 @@ class SeriesForecastConfig(EpisodeConfig):
         if self.season >= self.context:
             self.refuse(f"data.season={self.season} must be shorter than data.context={self.context} (the naive "
                         f"forecast's error is measured within the context).")
-        if len(self.series_split) != 3:
-            self.refuse(f"data.series_split={list(self.series_split)} must be three positive shares (train, val, test).")
+        self.check_three_shares("series_split")
 
     def spec(self) -> TaskSpec:
         return {"task_type": "forecast", "input_shape": (self.context, 1), "output_dim": 1,

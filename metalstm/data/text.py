@@ -55,8 +55,7 @@ class TextConfig(ClassEpisodeConfig):
         if not self.root:
             self.refuse("data=text needs data.root: a folder with one sub-folder of .txt files per class, or of "
                         ".jsonl files with a text and a label per line (docs/data.md).")
-        if len(self.class_split) != 3:
-            self.refuse(f"data.class_split={list(self.class_split)} must be three positive shares (train, val, test).")
+        self.check_three_shares("class_split")
 
     def example_shape(self) -> tuple[int, ...]:
         return (self.length,)

@@ -67,8 +67,7 @@ class TimeSeriesConfig(ClassEpisodeConfig):
                         f"the pooled sets.")
         if self.test_sets and len(self.test_sets) == len(set(self.sets)):
             self.refuse("data.test_sets names every set in data.sets; leave some sets for meta-training.")
-        if len(self.class_split) != 3:
-            self.refuse(f"data.class_split={list(self.class_split)} must be three positive shares (train, val, test).")
+        self.check_three_shares("class_split")
 
     def example_shape(self) -> tuple[int, ...]:
         return (self.length, self.channels + 1)
