@@ -183,8 +183,9 @@ def train(cfg: DictConfig) -> float | None:
 
 def plan_memory(module: MetaLearningModule, datamodule: FewShotDataModule, settings: Any, trainer: pl.Trainer,
                 device: torch.device, config: dict) -> dict | None:
-    """Measure what a training step needs (probe steps on one and more tasks) and, under memory_budget, set
-    MAML's task_chunk and checkpoint_inner to fit it; refuse a run that cannot fit before it trains."""
+    """Measure what a training step and a validation batch need (probe steps on one and more tasks) and, under
+    memory_budget, set MAML's task_chunk, checkpoint_inner and checkpoint_query to fit it; refuse a run that cannot
+    fit before it trains."""
     if trainer.max_steps == 0:  # nothing to train (a from-scratch baseline)
         return None
     if trainer.world_size > 1:
@@ -193,13 +194,15 @@ def plan_memory(module: MetaLearningModule, datamodule: FewShotDataModule, setti
         return None
     module.to(device)
 
-    def draw(tasks: int) -> EpisodeBatch:  # its own generator: the training stream is untouched
-        return datamodule.source.sample("train", tasks, torch.Generator().manual_seed(settings.run.seed))
+    def draw(tasks: int, split: str = "train") -> EpisodeBatch:  # its own generator: the training stream is untouched
+        return datamodule.source.sample(split, tasks, torch.Generator().manual_seed(settings.run.seed))
 
+    e = settings.data.config
+    evaluated = min(e.eval_batch_size, max(e.val_tasks, e.test_tasks))  # the tasks of a validation or test batch
     with explained_out_of_memory(settings, device, "the memory probe before meta-training"):
-        chosen = plan(module.meta_learner, draw, settings.data.config.meta_batch_size, device,
+        chosen = plan(module.meta_learner, draw, e.meta_batch_size, device,
                       str(config["trainer"].get("precision", "32-true")), settings.run.memory_budget_bytes,
-                      drivers(settings))
+                      drivers(settings), evaluation=draw(evaluated, "val" if e.val_tasks else "test") if evaluated else None)
     if device.type == "cpu":
         release_freed_memory()  # training starts from the heap in use, not the probes' high-water mark
     if chosen is None:

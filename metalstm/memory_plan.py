@@ -76,10 +76,12 @@ def restored(meta_learner: torch.nn.Module) -> Iterator[None]:
 
 
 def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch, int | None]], device: torch.device,
-                precision: str, recompute: dict[str, bool] | None = None) -> tuple[int, list[int]] | None:
+                precision: str, recompute: dict[str, bool] | None = None,
+                evaluate: bool = False) -> tuple[int, list[int]] | None:
     """The process's memory before the probes and each probe step's peak above it: a meta-loss and backward on each
     (batch, task_chunk) in turn (task_chunk None: as configured), with MAML's ``recompute`` settings (None: as
-    configured). None where this platform cannot measure it."""
+    configured); with ``evaluate``, a validation step instead (adaptation and query outputs, no meta-gradient).
+    None where this platform cannot measure it."""
     if device.type == "cpu":
         release_freed_memory()  # memory freed earlier (reading the data) would hide the probes' growth
     base = current_bytes(device)
@@ -102,8 +104,11 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
                     reset_peak(device)
                 batch = EpisodeBatch(*(t.to(device) for t in batch))
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
-                    loss = meta_learner.meta_loss(batch).loss
-                loss.backward()
+                    loss = None if evaluate else meta_learner.meta_loss(batch).loss
+                    if evaluate:
+                        meta_learner.predict(batch)
+                if loss is not None:
+                    loss.backward()
                 meta_learner.zero_grad(set_to_none=True)
                 del loss, batch
                 peaks.append(max((peak_bytes(device) or 0) - base, 0))
@@ -142,18 +147,21 @@ class Plan:
     changes: dict[str, object]  # settings changed to fit the budget (empty: as configured)
 
 
-MARGIN = 0.95  # of the limit, for what the training loop holds beyond a probe step (W1: a few per cent)
+# of the limit: training steps peak above their probe by what the training loop holds (the next batch, fetched
+# ahead) and by the heap's layout, which varies run to run (W2 shapes, 10 inner steps: 1-7 %, five runs)
+MARGIN = 0.9
 
 
 def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], batch_tasks: int, device: torch.device,
-         precision: str, budget: int | None, drivers: str) -> Plan | None:
+         precision: str, budget: int | None, drivers: str, evaluation: EpisodeBatch | None = None) -> Plan | None:
     """Measure a step's memory; refuse, before training, a run that does not fit the machine's free memory; under
     a ``budget``, choose MAML's task_chunk, checkpoint_inner and checkpoint_query to fit it: as configured if that
     fits; else, in turn, as configured, with the inner loop checkpointed, and with the query pass recomputed too
     (where the base learner can), the largest chunk that fits (at least 2 tasks, 1 in the last).
-    ``draw(n)``: n training tasks. Probes on 1 and 2 tasks give a line (fixed + per_task * alive) that proposes a
-    chunk; one whole step with it, measured, decides (a step's resident set grows faster than the line: W1's
-    measured 18 % above it), halving the chunk until one fits. A probe that runs out of memory counts as not
+    ``draw(n)``: n training tasks; ``evaluation``: a validation batch (data.eval_batch_size tasks), or None.
+    Probes on 1 and 2 tasks give a line (fixed + per_task * alive) that proposes a chunk; one whole step with it,
+    then a validation step on ``evaluation`` (MAML evaluates task_chunk tasks at a time), measured, decide (a step's
+    resident set grows faster than the line: W1's measured 18 % above it), halving the chunk until both fit. A probe that runs out of memory counts as not
     fitting. None where memory cannot be measured here."""
     pair = draw(2)
     try:
@@ -175,15 +183,20 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
     measured: list[int] = []
 
     def step_need(chunk: int | None, recompute: dict[str, bool] | None = None) -> int | None:
-        """A whole step's measured need (the process's memory before it, plus its peak); None: out of memory."""
+        """A whole step's measured need, or a validation step's where that is more (each the process's memory
+        before it plus its peak, each from the memory in use: training hands the heap's free pages back between
+        the two, module.phase_starts); None: out of memory."""
         try:
-            base, (peak,) = probe_peaks(meta_learner, [(batch, chunk)], device, precision, recompute)
+            needs = [base + peak for base, (peak,) in (
+                probe_peaks(meta_learner, [(batch, chunk)], device, precision, recompute),
+                *([probe_peaks(meta_learner, [(evaluation, chunk)], device, precision, evaluate=True)]
+                  if evaluation is not None else []))]
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
             return None
-        measured.append(base + peak)
-        return base + peak
+        measured.append(max(needs))
+        return max(needs)
 
     if limit is None:
         return Plan(step_need(None) or estimate.need(alive), None, {})
@@ -195,7 +208,9 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
             return Plan(need, limit, {})
     cfg = getattr(meta_learner, "cfg", None)
     second_order = cfg is not None and hasattr(cfg, "checkpoint_inner") and not cfg.first_order
-    settings = "data.meta_batch_size, the ways, shots or query per task, or data.image_size"
+    settings = "data.meta_batch_size, the ways, shots or query per task (data.eval_query at validation and test), " + (
+        "or data.image_size" if hasattr(cfg, "task_chunk") else "data.image_size, or data.eval_batch_size (the tasks "
+        "evaluated at once)")
     if budget is None:  # no budget to fit: the run stops, saying what would fit
         chunking = ("set memory_budget (e.g. memory_budget=" + f"{int(MARGIN * limit / 2**20)}MiB) and metalstm chooses "
                     "meta_learner.task_chunk and checkpoint_inner to fit it, or set them yourself; or lower "

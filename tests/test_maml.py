@@ -237,14 +237,20 @@ def test_tasks_adapted_together_give_the_per_task_loops_meta_gradient(base, opti
 @pytest.mark.parametrize("mode", ["loop", "grouped"])
 def test_meta_gradient_taken_chunk_by_chunk_is_the_whole_batchs(base, options, mode):
     """task_chunk=1 and 2 of 3 tasks (each chunk's graph freed once its gradient is taken) give vmap's one-graph
-    meta-loss, query outputs and meta-gradient, and the same parameters receive a gradient."""
-    results = {}
+    meta-loss, query outputs and meta-gradient, and the same parameters receive a gradient; meta-test predictions,
+    made chunk by chunk too, are the whole batch's."""
+    results, predictions = {}, {}
     for vectorize, chunk in (("vmap", 0), (mode, 1), (mode, 2)):
         maml, batch = vectorize_problem(base, vectorize, task_chunk=chunk, **options)
         assert maml.task_chunk(batch) == (chunk or 3)
+        assert [rows.num_tasks for rows in maml.chunks(batch)] == {0: [3], 1: [1, 1, 1], 2: [2, 1]}[chunk]
         results[chunk] = meta_result(maml, batch)
+        predictions[chunk] = maml.predict(batch)
     assert_same_meta_result(results[0], results[1])
     assert_same_meta_result(results[0], results[2])
+    assert predictions[0].shape == predictions[1].shape == predictions[2].shape
+    assert torch.allclose(predictions[0], predictions[1], atol=1e-5)
+    assert torch.allclose(predictions[0], predictions[2], atol=1e-5)
 
 
 @pytest.mark.parametrize("base,options", VECTORIZE_CASES, ids=[f"{b}-{'-'.join(o) or 'plain'}" for b, o in VECTORIZE_CASES])

@@ -86,6 +86,22 @@ def test_a_budget_below_the_configured_need_gets_smaller_chunks_or_a_checkpointe
         plan(maml, draw, 4, cpu, "32-true", budget=estimate.base, drivers="data.meta_batch_size=4")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU measure is the resident set (Linux)")
+def test_a_validation_batch_larger_than_a_training_step_sets_the_need():
+    """A validation batch (here 1,500 queries a task against a training step's 25) is probed too, so the need
+    covers it."""
+    maml, batch = conv4_maml(vectorize="grouped")
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(2)
+    evaluation = EpisodeBatch(batch.support_x, batch.support_y, torch.randn(4, 1500, 1, 28, 28, generator=g),
+                              torch.arange(5).repeat(300).expand(4, -1).contiguous())
+    draw = lambda tasks: EpisodeBatch(*(t[:tasks] for t in batch))  # noqa: E731
+    training = plan(maml, draw, 4, cpu, "32-true", budget=None, drivers="")
+    both = plan(maml, draw, 4, cpu, "32-true", budget=None, drivers="", evaluation=evaluation)
+    activation = 1500 * 32 * 28 * 28 * 4  # block 1's output over a task's queries (150 MB), scored task by task
+    assert both.need - training.need > activation // 2
+
+
 def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=2",
                            "trainer.val_check_interval=2", "data.val_tasks=4", "data.test_tasks=4", *overrides],

@@ -215,7 +215,8 @@ class ClassTasks:
         shape = x.shape[3:]
         labels = torch.arange(ways, device=device)
         batch = EpisodeBatch(
-            support_x=x[:, :, :shots].reshape(num_tasks, ways * shots, *shape),  # (no -1: a stream has no support)
+            # (no -1: a stream has no support); contiguous: a view would keep the whole draw, query included, alive
+            support_x=x[:, :, :shots].reshape(num_tasks, ways * shots, *shape).contiguous(),
             support_y=labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous(),
             query_x=x[:, :, shots:].reshape(num_tasks, -1, *shape),
             query_y=labels.repeat_interleave(query).expand(num_tasks, -1).contiguous(),

@@ -32,11 +32,13 @@ def window_argmax(flat: Tensor, width: int) -> Tensor:
 
 
 def unpool(grad: Tensor, arg: Tensor, size: tuple[int, int]) -> Tensor:
-    """grad [n, C, h, w] of a 2x2 max-pool's output, placed at each window's argmax ``arg`` -> [n, C, *size]."""
+    """grad [n, C, h, w] of a 2x2 max-pool's output, placed at each window's argmax ``arg`` -> [n, C, *size]
+    (one window position at a time: no int64 index tensor, which would be twice the gradient's size)."""
     h, w = grad.shape[-2:]
-    rows = 2 * torch.arange(h, device=grad.device).view(h, 1) + (arg // 2).long()
-    flat = rows * size[1] + 2 * torch.arange(w, device=grad.device) + (arg % 2).long()
-    return F.max_unpool2d(grad, flat, 2, output_size=size)
+    out = grad.new_zeros(*grad.shape[:-2], *size)
+    for k in range(4):
+        out[..., k // 2 : 2 * h : 2, k % 2 : 2 * w : 2] = torch.where(arg == k, grad, 0)
+    return out
 
 
 class RecomputedBlock(torch.autograd.Function):
@@ -83,18 +85,18 @@ class RecomputedBlock(torch.autograd.Function):
         x, weight, bias, gamma, mean, invstd, out, arg = ctx.saved_tensors
         (stride, padding), pool, size, chunks = ctx.conv_args, ctx.pool, ctx.size, ctx.chunks
         view = lambda t: t.view(-1, 1, 1)  # noqa: E731
-        grad_z_out = grad_out * (out > 0)
 
         def recompute(part: slice) -> tuple[Tensor, Tensor]:  # (xhat, dL/dz) of a chunk of images
-            xhat = (F.conv2d(x[part], weight, bias, stride, padding) - view(mean)) * view(invstd)
-            grad_z = unpool(grad_z_out[part], arg[part], size) if pool else grad_z_out[part]
-            return xhat, grad_z
+            xhat = F.conv2d(x[part], weight, bias, stride, padding).sub_(view(mean)).mul_(view(invstd))
+            grad_z = torch.where(out[part] > 0, grad_out[part], 0)  # through the ReLU
+            return xhat, unpool(grad_z, arg[part], size) if pool else grad_z
 
         sums = torch.zeros(2, weight.shape[0], dtype=x.dtype, device=x.device)  # sum(g), sum(g * xhat)
-        kept = None
         for part in chunks:
-            xhat, grad_z = kept = recompute(part)
+            xhat, grad_z = recompute(part)
             sums += torch.stack([grad_z.sum((0, 2, 3)), (grad_z * xhat).sum((0, 2, 3))])
+            kept = (xhat, grad_z) if len(chunks) == 1 else None  # else the second pass recomputes every chunk
+            del xhat, grad_z  # before the next chunk's buffers
         count = x.shape[0] * size[0] * size[1]
         mean_g, mean_gx = sums[0] / count, sums[1] / count
         needs = ctx.needs_input_grad
@@ -103,7 +105,10 @@ class RecomputedBlock(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if bias is not None and needs[2] else None
         for part in chunks:
             xhat, grad_z = kept if len(chunks) == 1 else recompute(part)
-            grad_y = view(gamma * invstd) * (grad_z - view(mean_g) - xhat * view(mean_gx))
+            kept = None
+            # in place over xhat: two chunk-sized buffers alive (xhat, grad_z) instead of six
+            grad_y = xhat.mul_(view(-mean_gx)).add_(grad_z).sub_(view(mean_g)).mul_(view(gamma * invstd))
+            del xhat, grad_z
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 grad_y, x[part], weight, [weight.shape[0]] if bias is not None else None, list(stride), list(padding),
                 [1, 1], False, [0, 0], 1, [needs[0], needs[1], grad_b is not None])
@@ -113,4 +118,5 @@ class RecomputedBlock(torch.autograd.Function):
                 grad_w += gw
             if grad_b is not None:
                 grad_b += gb
+            del grad_y, gx, gw, gb  # before the next chunk's buffers
         return grad_x, grad_w, grad_b, sums[1] if needs[3] else None, sums[0] if needs[4] else None, None, None, None, None

@@ -64,7 +64,8 @@ class MAMLConfig(MetaConfig):
     vectorize: str = choice("auto", VECTORIZE)
     # tasks whose graphs are held at once: the meta-gradient is taken chunk by chunk as the meta-loss is computed
     # (the same gradient; memory follows the chunk, not the meta-batch). 0: auto, one task at a time with loop, 8 with
-    # grouped (W1 on a CPU: 4 % slower than 32, half the memory; docs/performance.md), the whole meta-batch with vmap
+    # grouped (W1 on a CPU: 4 % slower than 32, half the memory; docs/performance.md), the whole meta-batch with vmap.
+    # Validation and test adapt the same number of tasks at a time
     task_chunk: int = count(0, minimum=0)
     # second order without storing the inner loop: each step's activations are recomputed in the meta-backward, one
     # step at a time (CheckpointedStep; the same meta-gradient). Memory: one inner step's graph instead of all of
@@ -354,21 +355,31 @@ class MAML(MetaLearner):
             losses, outputs = self.over_tasks(partial(self.task_loss, self.theta(rows), weights, first_order), rows)
             return losses.sum() / batch.num_tasks, outputs
 
-        size = self.task_chunk(batch)
-        if size == batch.num_tasks:
+        chunks = self.chunks(batch)
+        if len(chunks) == 1:
             loss, outputs = chunk(batch)
         else:
-            chunks = [EpisodeBatch(*(t[i : i + size] for t in batch)) for i in range(0, batch.num_tasks, size)]
             loss, outputs = GradientInForward.apply(chunks, chunk, *(p for p in self.parameters() if p.requires_grad))
         return MetaOutput(loss, outputs.detach())
 
+    def chunks(self, batch: EpisodeBatch) -> list[EpisodeBatch]:
+        """The batch in runs of ``task_chunk`` tasks, which adapt together."""
+        size = self.task_chunk(batch)
+        return [EpisodeBatch(*(t[i : i + size] for t in batch)) for i in range(0, batch.num_tasks, size)]
+
     def predict(self, batch: EpisodeBatch) -> Tensor:
+        """Query outputs after ``test_inner_steps``, ``task_chunk`` tasks at a time: an evaluation batch
+        (data.eval_batch_size tasks, each with eval_query examples per class) holds no more than a training step's
+        chunk in memory at once."""
         steps = self.cfg.test_inner_steps
-        theta = self.theta(batch, detach=True)
+        outputs = []
+        for rows in self.chunks(batch):
+            theta = self.theta(rows, detach=True)
 
-        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-            phi, _ = self.adapt(theta, sx, sy, steps, first_order=True)
-            with torch.no_grad():
-                return self.query_forward(phi, qx, steps)
+            def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+                phi, _ = self.adapt(theta, sx, sy, steps, first_order=True)
+                with torch.no_grad():
+                    return self.query_forward(phi, qx, steps)
 
-        return self.over_tasks(task, batch)
+            outputs.append(self.over_tasks(task, rows))
+        return torch.cat(outputs)
