@@ -104,13 +104,15 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
                     reset_peak(device)
                 batch = EpisodeBatch(*(t.to(device) for t in batch))
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
-                    loss = None if evaluate else meta_learner.meta_loss(batch).loss
                     if evaluate:
                         meta_learner.predict(batch)
-                if loss is not None:
+                    else:
+                        loss = meta_learner.meta_loss(batch).loss
+                if not evaluate:
                     loss.backward()
+                    del loss
                 meta_learner.zero_grad(set_to_none=True)
-                del loss, batch
+                del batch
                 peaks.append(max((peak_bytes(device) or 0) - base, 0))
         finally:
             for k, v in knobs.items():
@@ -148,7 +150,7 @@ class Plan:
 
 
 # of the limit: training steps peak above their probe by what the training loop holds (the next batch, fetched
-# ahead) and by the heap's layout, which varies run to run (W2 shapes, 10 inner steps: 1-7 %, five runs)
+# ahead) and by the heap's layout, which varies run to run (W1 and W2 shapes: 1-7 % in six runs)
 MARGIN = 0.9
 
 
@@ -161,8 +163,8 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
     ``draw(n)``: n training tasks; ``evaluation``: a validation batch (data.eval_batch_size tasks), or None.
     Probes on 1 and 2 tasks give a line (fixed + per_task * alive) that proposes a chunk; one whole step with it,
     then a validation step on ``evaluation`` (MAML evaluates task_chunk tasks at a time), measured, decide (a step's
-    resident set grows faster than the line: W1's measured 18 % above it), halving the chunk until both fit. A probe that runs out of memory counts as not
-    fitting. None where memory cannot be measured here."""
+    resident set grows faster than the line: W1's measured 18 % above it), halving the chunk until both fit. A
+    probe that runs out of memory counts as not fitting. None where memory cannot be measured here."""
     pair = draw(2)
     try:
         estimate = measure(meta_learner, pair, device, precision)
