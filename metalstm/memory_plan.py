@@ -150,7 +150,7 @@ class Plan:
 
 
 # of the limit: training steps peak above their probe by what the training loop holds (the next batch, fetched
-# ahead) and by the heap's layout, which varies run to run (W1 and W2 shapes: 1-7 % in six runs)
+# ahead) and by the heap's layout, which varies run to run (W1 and W2 shapes: 1-8 % in nine runs)
 MARGIN = 0.9
 
 
