@@ -154,7 +154,7 @@ class MetaLearningModule(pl.LightningModule):
     def phase_starts(self) -> None:
         """Training, validation and test hold different tensors: each starts from the memory in use (the heap's
         free pages handed back on a CPU), not from the holes the other phase left, as the memory plan measured
-        them (a 20-way run with 10 inner steps: its first training step after validation 1.05 GiB, not 0.83)."""
+        them (a 20-way run with 10 inner steps: its first training step after validation 1.02 GiB, not 0.83)."""
         if self.device.type == "cpu":
             release_freed_memory()
 
