@@ -161,7 +161,8 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
     fits; else, in turn, as configured, with the inner loop checkpointed, and with the query pass recomputed too
     (where the base learner can), the largest chunk that fits (at least 2 tasks, 1 in the last).
     ``draw(n)``: n training tasks; ``evaluation``: a validation batch (data.eval_batch_size tasks), or None.
-    Probes on 1 and 2 tasks give a line (fixed + per_task * alive) that proposes a chunk; one whole step with it,
+    Probes on 1 and 2 tasks give a line (fixed + per_task * alive) that proposes a chunk; two whole steps with it
+    (the second grows into the heap the first left, as training's steps do),
     then a validation step on ``evaluation`` (MAML evaluates task_chunk tasks at a time), measured, decide (a step's
     resident set grows faster than the line: W1's measured 18 % above it), halving the chunk until both fit. A
     probe that runs out of memory counts as not fitting. None where memory cannot be measured here."""
@@ -185,12 +186,12 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
     measured: list[int] = []
 
     def step_need(chunk: int | None, recompute: dict[str, bool] | None = None) -> int | None:
-        """A whole step's measured need, or a validation step's where that is more (each the process's memory
+        """Two whole steps' measured need, or a validation step's where that is more (each the process's memory
         before it plus its peak, each from the memory in use: training hands the heap's free pages back between
         the two, module.phase_starts); None: out of memory."""
         try:
-            needs = [base + peak for base, (peak,) in (
-                probe_peaks(meta_learner, [(batch, chunk)], device, precision, recompute),
+            needs = [base + max(peaks) for base, peaks in (
+                probe_peaks(meta_learner, [(batch, chunk)] * 2, device, precision, recompute),
                 *([probe_peaks(meta_learner, [(evaluation, chunk)], device, precision, evaluate=True)]
                   if evaluation is not None else []))]
         except Exception as error:
