@@ -104,15 +104,13 @@ def probe_peaks(meta_learner: torch.nn.Module, batches: list[tuple[EpisodeBatch,
                     reset_peak(device)
                 batch = EpisodeBatch(*(t.to(device) for t in batch))
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
+                    loss = None if evaluate else meta_learner.meta_loss(batch).loss
                     if evaluate:
                         meta_learner.predict(batch)
-                    else:
-                        loss = meta_learner.meta_loss(batch).loss
-                if not evaluate:
+                if loss is not None:
                     loss.backward()
-                    del loss
                 meta_learner.zero_grad(set_to_none=True)
-                del batch
+                del loss, batch
                 peaks.append(max((peak_bytes(device) or 0) - base, 0))
         finally:
             for k, v in knobs.items():
@@ -190,16 +188,17 @@ def plan(meta_learner: torch.nn.Module, draw: Callable[[int], EpisodeBatch], bat
         before it plus its peak, each from the memory in use: training hands the heap's free pages back between
         the two, module.phase_starts); None: out of memory."""
         try:
-            needs = [base + max(peaks) for base, peaks in (
-                probe_peaks(meta_learner, [(batch, chunk)] * 2, device, precision, recompute),
-                *([probe_peaks(meta_learner, [(evaluation, chunk)], device, precision, evaluate=True)]
-                  if evaluation is not None else []))]
+            base, peaks = probe_peaks(meta_learner, [(batch, chunk)] * 2, device, precision, recompute)
+            need = base + max(peaks)
+            if evaluation is not None:
+                base, peaks = probe_peaks(meta_learner, [(evaluation, chunk)], device, precision, evaluate=True)
+                need = max(need, base + max(peaks))
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
             return None
-        measured.append(max(needs))
-        return max(needs)
+        measured.append(need)
+        return need
 
     if limit is None:
         return Plan(step_need(None) or estimate.need(alive), None, {})

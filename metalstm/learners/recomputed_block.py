@@ -94,11 +94,12 @@ class RecomputedBlock(torch.autograd.Function):
             return xhat, unpool(grad_z, arg[part], size) if pool else grad_z
 
         sums = torch.zeros(2, weight.shape[0], dtype=x.dtype, device=x.device)  # sum(g), sum(g * xhat)
+        single = len(chunks) == 1  # one chunk is kept for the second pass; more are recomputed there
         for part in chunks:
             xhat, grad_z = recompute(part)
             sums += torch.stack([grad_z.sum((0, 2, 3)), (grad_z * xhat).sum((0, 2, 3))])
-            kept = (xhat, grad_z) if len(chunks) == 1 else None  # else the second pass recomputes every chunk
-            del xhat, grad_z  # before the next chunk's buffers
+            if not single:
+                del xhat, grad_z  # before the next chunk's buffers
         count = x.shape[0] * size[0] * size[1]
         mean_g, mean_gx = sums[0] / count, sums[1] / count
         needs = ctx.needs_input_grad
@@ -106,8 +107,8 @@ class RecomputedBlock(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if needs[1] else None
         grad_b = torch.zeros_like(bias) if bias is not None and needs[2] else None
         for part in chunks:
-            xhat, grad_z = kept if len(chunks) == 1 else recompute(part)
-            kept = None
+            if not single:
+                xhat, grad_z = recompute(part)
             # in place over xhat: two chunk-sized buffers alive (xhat, grad_z) instead of six
             grad_y = xhat.mul_(view(-mean_gx)).add_(grad_z).sub_(view(mean_g)).mul_(view(gamma * invstd))
             del xhat, grad_z

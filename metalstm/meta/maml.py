@@ -372,14 +372,11 @@ class MAML(MetaLearner):
         (data.eval_batch_size tasks, each with eval_query examples per class) holds no more than a training step's
         chunk in memory at once."""
         steps = self.cfg.test_inner_steps
-        outputs = []
-        for rows in self.chunks(batch):
-            theta = self.theta(rows, detach=True)
 
-            def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-                phi, _ = self.adapt(theta, sx, sy, steps, first_order=True)
-                with torch.no_grad():
-                    return self.query_forward(phi, qx, steps)
+        def task(theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            phi, _ = self.adapt(theta, sx, sy, steps, first_order=True)
+            with torch.no_grad():
+                return self.query_forward(phi, qx, steps)
 
-            outputs.append(self.over_tasks(task, rows))
-        return torch.cat(outputs)
+        return torch.cat([self.over_tasks(partial(task, self.theta(rows, detach=True)), rows)
+                          for rows in self.chunks(batch)])
