@@ -77,9 +77,12 @@ def test_bf16_autocast_follows_torch_batch_norm():
 
 @pytest.mark.parametrize("pool,stride,size", [(True, 1, 7), (True, 1, 8), (False, 2, 9)])
 @pytest.mark.parametrize("chunk_bytes", [2**30, 500])
-def test_recomputed_block_is_conv_batch_norm_pool_relu_and_its_first_derivatives(pool, stride, size, chunk_bytes, monkeypatch):
-    """RecomputedBlock (whole batch, or a few images at a time) gives the stored ops' output and the gradients of
-    its input, the convolution's weight and bias, and BatchNorm's weight and bias (float64); odd sizes pool floored."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_recomputed_block_is_conv_batch_norm_pool_relu_and_its_first_derivatives(pool, stride, size, chunk_bytes, layout,
+                                                                                  monkeypatch):
+    """RecomputedBlock (whole batch, or a few images at a time; NCHW or channels_last in and out) gives the stored ops'
+    output and the gradients of its input, the convolution's weight and bias, and BatchNorm's weight and bias
+    (float64); odd sizes pool floored."""
     from metalstm.learners import recomputed_block
 
     monkeypatch.setattr(recomputed_block, "CHUNK_BYTES", chunk_bytes)
@@ -88,8 +91,10 @@ def test_recomputed_block_is_conv_batch_norm_pool_relu_and_its_first_derivatives
     x, weight, bias, gamma, beta = (t.double().requires_grad_() for t in inputs)
     stored = F.batch_norm(F.conv2d(x, weight, bias, stride, 1), None, None, gamma, beta, training=True, eps=1e-5)
     stored = (F.max_pool2d(stored, 2) if pool else stored).relu()
-    recomputed = recomputed_block.RecomputedBlock.apply(x, weight, bias, gamma, beta, (stride, stride), (1, 1), pool, 1e-5)
+    recomputed = recomputed_block.RecomputedBlock.apply(x.contiguous(memory_format=layout), weight, bias, gamma, beta,
+                                                        (stride, stride), (1, 1), pool, 1e-5, layout)
     assert recomputed.shape == stored.shape and torch.allclose(recomputed, stored, atol=1e-12)
+    assert recomputed.is_contiguous(memory_format=layout)
     upstream = torch.randn_like(stored)
     for a, b in zip(torch.autograd.grad(stored, [x, weight, bias, gamma, beta], upstream),
                     torch.autograd.grad(recomputed, [x, weight, bias, gamma, beta], upstream)):

@@ -93,13 +93,16 @@ class Conv4(BaseLearner):
 
     def recomputed_body(self, x: Tensor) -> Tensor:
         """The body as ``RecomputedBlock``s, which store each block's input and output only (first derivatives; float32:
-        under autocast the stored path runs)."""
+        under autocast the stored path runs). On a CPU the blocks hand each other channels_last: oneDNN runs a 64-channel
+        convolution in it as it is, but copies NCHW in and out of its blocked layout (W2's block 2, 80 images: forward
+        11.6 -> 4.1 MiB of memory touched, 8.4 -> 6.7 ms; backward 15.6 -> 4.4 MiB, 15 -> 12 ms)."""
         layers, h = list(self.body), x
-        for i, layer in enumerate(layers):
-            if isinstance(layer, nn.Conv2d):
-                norm, pool = layers[i + 1], isinstance(layers[i + 2], nn.MaxPool2d)
-                h = RecomputedBlock.apply(h, layer.weight, layer.bias, norm.weight, norm.bias, layer.stride, layer.padding,
-                                          pool, norm.eps)
+        convs = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Conv2d)]
+        between = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+        for i in convs:
+            conv, norm, pool = layers[i], layers[i + 1], isinstance(layers[i + 2], nn.MaxPool2d)
+            h = RecomputedBlock.apply(h, conv.weight, conv.bias, norm.weight, norm.bias, conv.stride, conv.padding, pool,
+                                      norm.eps, torch.contiguous_format if i == convs[-1] else between)
         return h.flatten(1)
 
     def forward_tasks(self, params: Params, x: Tensor, targets: Tensor | None = None) -> Tensor:

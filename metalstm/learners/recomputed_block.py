@@ -33,22 +33,25 @@ def window_argmax(flat: Tensor, width: int) -> Tensor:
     return (2 * ((flat // width) % 2) + (flat % width) % 2).to(torch.uint8)
 
 
-def unpool(grad: Tensor, arg: Tensor, size: tuple[int, int]) -> Tensor:
-    """grad [n, C, h, w] of a 2x2 max-pool's output, placed at each window's argmax ``arg`` -> [n, C, *size]
-    (one window position at a time: no int64 index tensor, which would be twice the gradient's size)."""
+def unpool(grad: Tensor, arg: Tensor, like: Tensor) -> Tensor:
+    """grad [n, C, h, w] of a 2x2 max-pool's output, placed at each window's argmax ``arg`` -> zeros shaped and laid
+    out as the pool's input ``like`` [n, C, H, W] (one window position at a time: no int64 index tensor, which would be
+    twice the gradient's size)."""
     h, w = grad.shape[-2:]
-    out = grad.new_zeros(*grad.shape[:-2], *size)
+    out = torch.zeros_like(like)
     for k in range(4):
         out[..., k // 2 : 2 * h : 2, k % 2 : 2 * w : 2] = torch.where(arg == k, grad, 0)
     return out
 
 
 class RecomputedBlock(torch.autograd.Function):
-    """x [n, C_in, H, W] -> relu([maxpool](batch_norm(conv2d(x)))) [n, C, H', W']; see the module docstring."""
+    """x [n, C_in, H, W] -> relu([maxpool](batch_norm(conv2d(x)))) [n, C, H', W'] in memory ``layout``; see the
+    module docstring."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor,
-                stride: tuple[int, int], padding: tuple[int, int], pool: bool, eps: float) -> Tensor:
+                stride: tuple[int, int], padding: tuple[int, int], pool: bool, eps: float,
+                layout: torch.memory_format = torch.contiguous_format) -> Tensor:
         conv = lambda part: F.conv2d(part, weight, bias, stride, padding)  # noqa: E731
         first = conv(x[:1])
         channels, size = first.shape[1], tuple(first.shape[-2:])
@@ -67,8 +70,9 @@ class RecomputedBlock(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         scale, shift = gamma * invstd, beta - mean * gamma * invstd  # z = y * scale + shift
         out_size = (size[0] // 2, size[1] // 2) if pool else size
-        out = x.new_empty(x.shape[0], channels, *out_size)
-        arg = x.new_empty(out.shape, dtype=torch.uint8) if pool else None
+        out = torch.empty(x.shape[0], channels, *out_size, dtype=x.dtype, device=x.device,
+                          memory_format=layout)
+        arg = torch.empty_like(out, dtype=torch.uint8) if pool else None
         for part in chunks:
             z = (y if len(chunks) == 1 else conv(x[part])) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
             if pool:
@@ -91,7 +95,7 @@ class RecomputedBlock(torch.autograd.Function):
         def recompute(part: slice) -> tuple[Tensor, Tensor]:  # (xhat, dL/dz) of a chunk of images
             xhat = F.conv2d(x[part], weight, bias, stride, padding).sub_(view(mean)).mul_(view(invstd))
             grad_z = torch.where(out[part] > 0, grad_out[part], 0)  # through the ReLU
-            return xhat, unpool(grad_z, arg[part], size) if pool else grad_z
+            return xhat, unpool(grad_z, arg[part], xhat) if pool else grad_z
 
         sums = torch.zeros(2, weight.shape[0], dtype=x.dtype, device=x.device)  # sum(g), sum(g * xhat)
         single = len(chunks) == 1  # one chunk is kept for the second pass; more are recomputed there
@@ -122,4 +126,4 @@ class RecomputedBlock(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += gb
             del grad_y, gx, gw, gb  # before the next chunk's buffers
-        return grad_x, grad_w, grad_b, sums[1] if needs[3] else None, sums[0] if needs[4] else None, None, None, None, None
+        return grad_x, grad_w, grad_b, sums[1] if needs[3] else None, sums[0] if needs[4] else None, None, None, None, None, None
