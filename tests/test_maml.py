@@ -322,9 +322,9 @@ QUERY_CASES = [("conv4", {}), ("conv4", {"learned_lr": "per_layer_per_step", "pe
 def test_recomputed_query_pass_gives_the_stored_graphs_meta_gradient(base, options, mode, inner, chunk_bytes, monkeypatch):
     """checkpoint_query (Conv-4's blocks recomputed in the query pass's backward, whole or an image at a time) gives
     the stored query pass's meta-loss, query outputs and meta-gradient, alone or with checkpoint_inner."""
-    from metalstm.learners import recomputed_block
+    from metalstm.learners import recomputed_body
 
-    monkeypatch.setattr(recomputed_block, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(recomputed_body, "CHUNK_BYTES", chunk_bytes)
     stored = meta_result(*vectorize_problem(base, mode, checkpoint_inner=inner, **options))
     assert_same_meta_result(stored, meta_result(*vectorize_problem(base, mode, checkpoint_inner=inner,
                                                                    checkpoint_query=True, **options)))

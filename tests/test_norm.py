@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from metalstm.learners.norm import batch_norm
 
@@ -75,27 +76,59 @@ def test_bf16_autocast_follows_torch_batch_norm():
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
 
+def stored_block(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, stride: int,
+                 pool: bool) -> Tensor:
+    z = F.batch_norm(F.conv2d(x, weight, bias, stride, 1), None, None, gamma, beta, training=True, eps=1e-5)
+    return (F.max_pool2d(z, 2) if pool else z).relu()
+
+
 @pytest.mark.parametrize("pool,stride,size", [(True, 1, 7), (True, 1, 8), (False, 2, 9)])
+@pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("chunk_bytes", [2**30, 500])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_recomputed_block_is_conv_batch_norm_pool_relu_and_its_first_derivatives(pool, stride, size, chunk_bytes, layout,
-                                                                                  monkeypatch):
-    """RecomputedBlock (whole batch, or a few images at a time; NCHW or channels_last in and out) gives the stored ops'
-    output and the gradients of its input, the convolution's weight and bias, and BatchNorm's weight and bias
-    (float64); odd sizes pool floored."""
-    from metalstm.learners import recomputed_block
+def test_recomputed_body_is_conv_batch_norm_pool_relu_blocks_and_their_first_derivatives(pool, stride, size, blocks,
+                                                                                         chunk_bytes, layout,
+                                                                                         monkeypatch):
+    """RecomputedBody (whole batch, or a few images at a time; NCHW or channels_last between blocks) gives the stored
+    ops' output and the gradients of its input and of every block's convolution weight and bias and BatchNorm weight
+    and bias (float64); odd sizes pool floored; a block without a convolution bias."""
+    from metalstm.learners import recomputed_body
 
-    monkeypatch.setattr(recomputed_block, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(recomputed_body, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
-    inputs = [torch.randn(7, 3, size, size), torch.randn(4, 3, 3, 3), torch.randn(4), torch.rand(4) + 0.5, torch.randn(4)]
-    x, weight, bias, gamma, beta = (t.double().requires_grad_() for t in inputs)
-    stored = F.batch_norm(F.conv2d(x, weight, bias, stride, 1), None, None, gamma, beta, training=True, eps=1e-5)
-    stored = (F.max_pool2d(stored, 2) if pool else stored).relu()
-    recomputed = recomputed_block.RecomputedBlock.apply(x.contiguous(memory_format=layout), weight, bias, gamma, beta,
-                                                        (stride, stride), (1, 1), pool, 1e-5, layout)
+    x = torch.randn(7, 3, size, size, dtype=torch.float64, requires_grad=True)
+    weights = []
+    for i in range(blocks):
+        weights += [torch.randn(4, 3 if i == 0 else 4, 3, 3), None if i == 1 else torch.randn(4), torch.rand(4) + 0.5,
+                    torch.randn(4)]
+    weights = [None if w is None else w.double().requires_grad_() for w in weights]
+    shapes, stored, h = [], None, x
+    for i in range(blocks):
+        block_pool = pool and h.shape[-1] >= 2
+        shapes.append(((stride, stride), (1, 1), block_pool))
+        h = stored_block(h, *weights[4 * i : 4 * i + 4], stride, block_pool)
+    stored = h
+    recomputed = recomputed_body.RecomputedBody.apply(x.contiguous(memory_format=layout), tuple(shapes), 1e-5, layout,
+                                                      *weights)
     assert recomputed.shape == stored.shape and torch.allclose(recomputed, stored, atol=1e-12)
-    assert recomputed.is_contiguous(memory_format=layout)
+    assert recomputed.is_contiguous()
     upstream = torch.randn_like(stored)
-    for a, b in zip(torch.autograd.grad(stored, [x, weight, bias, gamma, beta], upstream),
-                    torch.autograd.grad(recomputed, [x, weight, bias, gamma, beta], upstream)):
+    wanted = [x] + [w for w in weights if w is not None]
+    for a, b in zip(torch.autograd.grad(stored, wanted, upstream), torch.autograd.grad(recomputed, wanted, upstream)):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_recomputed_body_runs_its_backward_once():
+    """Its backward writes gradients over the stored activations: a second backward of the same forward is refused
+    with a message, not answered wrongly."""
+    from metalstm.learners.recomputed_body import RecomputedBody
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 8, 8)
+    weights = [t.requires_grad_() for t in (torch.randn(4, 1, 3, 3), torch.randn(4), torch.rand(4) + 0.5, torch.randn(4),
+                                            torch.randn(4, 4, 3, 3), torch.randn(4), torch.rand(4) + 0.5, torch.randn(4))]
+    out = RecomputedBody.apply(x, (((1, 1), (1, 1), True),) * 2, 1e-5, torch.contiguous_format, *weights).sum()
+    first = torch.autograd.grad(out, weights, retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in first)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        torch.autograd.grad(out, weights)

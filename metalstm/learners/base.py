@@ -136,7 +136,7 @@ def recomputing() -> bool:
 
 def recomputed_activations() -> AbstractContextManager[None]:
     """The forwards inside are differentiated once, never twice: a learner may store less and recompute its
-    activations in the backward (Conv-4: ``RecomputedBlock``; MAML's ``checkpoint_query``)."""
+    activations in the backward (Conv-4: ``RecomputedBody``; MAML's ``checkpoint_query``)."""
     return _recomputed.turned_on()
 
 

@@ -19,7 +19,7 @@ from metalstm.learners.base import (
     recomputing,
 )
 from metalstm.learners.norm import batch_norm
-from metalstm.learners.recomputed_block import RecomputedBlock
+from metalstm.learners.recomputed_body import RecomputedBody
 
 
 @dataclass
@@ -89,21 +89,22 @@ class Conv4(BaseLearner):
         return features if embed else self.head(features)
 
     def recomputes(self) -> bool:
-        return self.bn_policy == "transductive"  # RecomputedBlock normalises with the batch's statistics
+        return self.bn_policy == "transductive"  # RecomputedBody normalises with the batch's statistics
 
     def recomputed_body(self, x: Tensor) -> Tensor:
-        """The body as ``RecomputedBlock``s, which store each block's input and output only (first derivatives; float32:
-        under autocast the stored path runs). On a CPU the blocks hand each other channels_last: oneDNN runs a 64-channel
+        """The body as one ``RecomputedBody``, which stores each block's output only (first derivatives; float32: under
+        autocast the stored path runs). On a CPU the blocks hand each other channels_last: oneDNN runs a 64-channel
         convolution in it as it is, but copies NCHW in and out of its blocked layout (W2's block 2, 80 images: forward
         11.6 -> 4.1 MiB of memory touched, 8.4 -> 6.7 ms; backward 15.6 -> 4.4 MiB, 15 -> 12 ms)."""
-        layers, h = list(self.body), x
-        convs = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Conv2d)]
+        layers = list(self.body)
+        blocks, weights = [], []
+        for i, conv in enumerate(layers):
+            if isinstance(conv, nn.Conv2d):
+                norm = layers[i + 1]
+                blocks.append((conv.stride, conv.padding, isinstance(layers[i + 2], nn.MaxPool2d)))
+                weights += [conv.weight, conv.bias, norm.weight, norm.bias]
         between = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
-        for i in convs:
-            conv, norm, pool = layers[i], layers[i + 1], isinstance(layers[i + 2], nn.MaxPool2d)
-            h = RecomputedBlock.apply(h, conv.weight, conv.bias, norm.weight, norm.bias, conv.stride, conv.padding, pool,
-                                      norm.eps, torch.contiguous_format if i == convs[-1] else between)
-        return h.flatten(1)
+        return RecomputedBody.apply(x, tuple(blocks), layers[1].eps, between, *weights).flatten(1)
 
     def forward_tasks(self, params: Params, x: Tensor, targets: Tensor | None = None) -> Tensor:
         """T tasks as one network T times as wide: x [T, n, C, H, W] -> [T, n, output_dim]. Task t's images are
