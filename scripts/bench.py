@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metalstm.allocator import keep_freed_memory  # noqa: E402
+from metalstm.allocator import cpu_allocator, keep_freed_memory  # noqa: E402
 from metalstm.core import EpisodeBatch  # noqa: E402
 from metalstm.data.seq_tasks import SeqTasks, SeqTasksConfig  # noqa: E402
 from metalstm.learners import BASE_LEARNERS, build_base_learner  # noqa: E402
@@ -188,7 +188,8 @@ def main() -> None:
         peak = f"peak_gpu_mem={torch.cuda.max_memory_allocated() / 2**20:.0f}MiB"
     else:
         peak = (f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
-                + (f" before_first_step={before / 2**20:.0f}MiB" if before is not None else ""))
+                + (f" before_first_step={before / 2**20:.0f}MiB" if before is not None else "")
+                + f" allocator={cpu_allocator().split(' ')[0]}")
     print(f"metalstm-{args.workload} tasks/s {statistics.median(rates):.2f} ({shape} threads={torch.get_num_threads()} "
           f"device={args.device} precision={args.precision} {peak})")
     if args.profile:

@@ -21,8 +21,21 @@ from PIL import Image, ImageDraw
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
+# the CPU allocator is built once, here (pytest_configure), and found by every test process, also those that run
+# with another HOME
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "metalstm"))
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Build the CPU allocator's extension once, before the test processes start (they load the build): a first
+    build prints a line that tests of an entry point's output would otherwise see."""
+    if not hasattr(config, "workerinput"):
+        from metalstm.allocator import build_segments
+
+        build_segments()
+
 CONFIG_DIR = REPO / "configs"
 REAL_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 

@@ -71,7 +71,7 @@ class MAMLConfig(MetaConfig):
     # step at a time (CheckpointedStep; the same meta-gradient). Memory: one inner step's graph instead of all of
     # them, for about one more support forward and backward per step. Runs loop or grouped (vmap: grouped)
     checkpoint_inner: bool = False
-    # the query pass stores each block's input and output only (Conv-4 with batch statistics: RecomputedBlock),
+    # the query pass stores each block's output only (Conv-4 with batch statistics: RecomputedBody),
     # recomputing the rest in its backward, a chunk of images at a time; the same meta-gradient. Memory: W2's query
     # pass (300 images) holds a few MB instead of ~230 MB, for about one more convolution forward per block
     checkpoint_query: bool = False
