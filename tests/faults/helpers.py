@@ -40,6 +40,9 @@ def run_entry(script: str, overrides: list[str], output_dir: Path) -> object:
     """``python train.py|eval.py <overrides>`` in-process; what the entry function returns."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(script, overrides=[f"paths.output_dir={output_dir}", *overrides])
+    # as the commands do before run_cli (metalstm.cli.launch): Ctrl-C is a KeyboardInterrupt, whatever an earlier test
+    # in this process left installed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run_cli({"train": train, "eval": evaluate}[script], cfg)
     finally:  # a command stopped by Ctrl-C ignores further ones while its process exits; this process goes on
