@@ -42,6 +42,11 @@ release_freed_memory()
 result["trimmed_mib"] = resident - rss()
 again = torch.ones(96 * MiB // 4)
 result["again_sum"], result["mapped_grew"] = float(again.sum()), segment_stats()["peak_mapped"] > 96 * MiB + 32 * MiB
+from metalstm.memory import is_out_of_memory
+try:
+    torch.empty(2**45)  # 128 TiB: the mapping fails
+except RuntimeError as error:
+    result["too_big"] = is_out_of_memory(error)  # the message the runs turn into their out-of-memory paragraph
 pid = os.fork()
 if pid == 0:  # a forked child (a DataLoader worker) allocates and frees large blocks of its own
     blocks = [torch.full((2 * MiB,), float(i)) for i in range(4)]
@@ -74,6 +79,7 @@ def test_segment_allocator_serves_large_blocks_reuses_them_and_gives_pages_back(
     assert result["trimmed_mib"] > 80  # the freed 96 MiB block's pages went back to the kernel
     assert not result["mapped_grew"]  # ... and its segment served the same block again
     assert result["child_status"] == 0
+    assert result["too_big"]
 
 
 def test_cpu_allocator_falls_back_to_glibc_when_turned_off_or_not_buildable(tmp_path):
