@@ -248,12 +248,12 @@ def fit_and_test(config: dict, ckpt_path: Path | None, resume_step: int | None, 
     device = training_device(str(config["trainer"].get("accelerator", "auto")))
     check_batch_fits(settings, device)
     datamodule = build_datamodule(settings.data, seed=settings.run.seed)  # the first time any data is read
-    for logger in loggers:
-        logger.log_hyperparams(config)  # the full resolved config, on every dashboard
     log.info("experiment %s: %s on %s, output in %s%s", config["experiment"], config["meta_learner"]["name"],
              config["data"]["name"], output_dir, f", resumed at step {resume_step}" if ckpt_path else "")
 
     memory_plan = plan_memory(module, datamodule, settings, trainer, device, config)
+    for logger in loggers:  # after the plan: a run it refuses leaves no logger files (the run folder goes)
+        logger.log_hyperparams(config)  # the full resolved config, on every dashboard
     fit_started = time.time()
     reset_peak(device)
     try:
