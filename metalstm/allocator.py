@@ -35,6 +35,7 @@ NAME = "metalstm_cpu_allocator"
 log = logging.getLogger(__name__)
 _done = False
 _segments: ModuleType | None = None
+_tried = False
 _why_not = "not installed yet (keep_freed_memory)"
 
 
@@ -112,10 +113,12 @@ def build_segments() -> ModuleType | None:
 def install_segments() -> bool:
     """Install the segment allocator for this process (``build_segments``); False where it is not built. Installed
     for good: torch has no way to put the default back."""
-    global _segments
-    if _segments is None and (module := build_segments()) is not None:
-        module.install(SEGMENT_MIN_BYTES, SEGMENT_BYTES)
-        _segments = module
+    global _segments, _tried
+    if not _tried:  # once a process: where the build fails, later commands in it do not try again
+        _tried = True
+        if (module := build_segments()) is not None:
+            module.install(SEGMENT_MIN_BYTES, SEGMENT_BYTES)
+            _segments = module
     return _segments is not None
 
 

@@ -17,11 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 IN_SEGMENTS = r"""
 import json, os, torch
 from metalstm.allocator import cpu_allocator, keep_freed_memory, release_freed_memory, segment_stats
-
-def rss():
-    s = open('/proc/self/status').read(); i = s.index('VmRSS:'); return int(s[i + 6:s.index('kB', i)]) / 1024
+from metalstm.memory import current_bytes
 
 MiB = 2**20
+rss = lambda: current_bytes(torch.device("cpu")) / MiB
 result = {"glibc_settings": keep_freed_memory(), "allocator": cpu_allocator()}
 start = segment_stats()
 small = torch.ones(1000)

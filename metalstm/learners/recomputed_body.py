@@ -32,6 +32,13 @@ def image_chunks(n: int, bytes_per_image: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def conv_chunks(x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[list[int], list[slice]]:
+    """The convolution's output size [H', W'] for x [n, C_in, H, W], and its images in chunks of ``CHUNK_BYTES`` of
+    output."""
+    size = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[-2:], padding, weight.shape[-2:], stride)]
+    return size, image_chunks(x.shape[0], weight.shape[0] * size[0] * size[1] * x.element_size())
+
+
 def window_argmax(flat: Tensor, width: int) -> Tensor:
     """max_pool2d's flat input index (h * W + w) -> the position in its 2x2 window (2 * (h % 2) + w % 2), uint8."""
     return (2 * ((flat // width) % 2) + (flat % width) % 2).to(torch.uint8)
@@ -50,13 +57,11 @@ def unpool(grad: Tensor, arg: Tensor, like: Tensor) -> Tensor:
 
 def block_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, block: Block,
                   eps: float, layout: torch.memory_format) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """x [n, C_in, H, W] -> (relu([maxpool](batch_norm(conv2d(x)))) in ``layout``, the pool's window argmax [uint8]
-    or None, the batch mean and inverse standard deviation [C])."""
+    """x [n, C_in, H, W] -> (relu([maxpool](batch_norm(conv2d(x)))) in ``layout``, the batch mean and inverse
+    standard deviation [C], the pool's window argmax [uint8] or None)."""
     stride, padding, pool = block
     conv = lambda part: F.conv2d(part, weight, bias, stride, padding)  # noqa: E731
-    first = conv(x[:1])
-    channels, size = first.shape[1], tuple(first.shape[-2:])
-    chunks = image_chunks(x.shape[0], first[0].numel() * first.element_size())
+    size, chunks = conv_chunks(x, weight, stride, padding)
     if len(chunks) == 1:
         y = conv(x)
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
@@ -71,7 +76,7 @@ def block_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor,
     invstd = torch.rsqrt(var + eps)
     scale, shift = gamma * invstd, beta - mean * gamma * invstd  # z = y * scale + shift
     out_size = (size[0] // 2, size[1] // 2) if pool else size
-    out = torch.empty(x.shape[0], channels, *out_size, dtype=x.dtype, device=x.device, memory_format=layout)
+    out = torch.empty(x.shape[0], weight.shape[0], *out_size, dtype=x.dtype, device=x.device, memory_format=layout)
     arg = torch.empty_like(out, dtype=torch.uint8) if pool else None
     for part in chunks:
         z = (y if len(chunks) == 1 else conv(x[part])) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
@@ -79,7 +84,7 @@ def block_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor,
             z, flat = F.max_pool2d(z, 2, return_indices=True)
             arg[part] = window_argmax(flat, size[1])
         out[part] = z.clamp_min_(0)
-    return out, arg, mean, invstd
+    return out, mean, invstd, arg
 
 
 def block_backward(grad_z_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, mean: Tensor,
@@ -88,11 +93,10 @@ def block_backward(grad_z_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor |
     """A block's gradients, given ``grad_z_out``, dL/d(its pooled, normalised output) before the ReLU (the ReLU's mask
     already applied): (dL/dx, dL/dweight, dL/dbias, dL/dgamma, dL/dbeta), each None where ``needs`` says no.
     ``into_input``: x is the previous block's ReLU output, and dL/d(its input to the ReLU) is written over it, chunk by
-    chunk (then the first entry is x itself)."""
+    chunk (then the first entry is x itself, and ``needs[0]`` must be true)."""
     stride, padding, pool = block
     view = lambda t: t.view(-1, 1, 1)  # noqa: E731
-    size = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[-2:], padding, weight.shape[-2:], stride)]
-    chunks = image_chunks(x.shape[0], weight.shape[0] * size[0] * size[1] * x.element_size())  # as the forward's
+    size, chunks = conv_chunks(x, weight, stride, padding)  # the forward's chunks
 
     def recompute(part: slice) -> tuple[Tensor, Tensor]:  # (xhat, dL/dz before pooling) of a chunk of images
         xhat = F.conv2d(x[part], weight, bias, stride, padding).sub_(view(mean)).mul_(view(invstd))
@@ -107,7 +111,6 @@ def block_backward(grad_z_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor |
             del xhat, grad_z  # before the next chunk's buffers
     count = x.shape[0] * size[0] * size[1]
     mean_g, mean_gx = sums[0] / count, sums[1] / count
-    wants_x = needs[0] or into_input
     grad_x = x if into_input else torch.empty_like(x) if needs[0] else None
     grad_w = torch.zeros_like(weight) if needs[1] else None
     grad_b = torch.zeros_like(bias) if bias is not None and needs[2] else None
@@ -119,7 +122,7 @@ def block_backward(grad_z_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor |
         del xhat, grad_z
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad_y, x[part], weight, [weight.shape[0]] if bias is not None else None, list(stride), list(padding),
-            [1, 1], False, [0, 0], 1, [wants_x, needs[1], grad_b is not None])
+            [1, 1], False, [0, 0], 1, [needs[0], needs[1], grad_b is not None])
         if into_input:  # through the previous block's ReLU: its output x > 0 where its input was
             x[part] = gx.masked_fill_(x[part] <= 0, 0)
         elif grad_x is not None:
@@ -144,9 +147,9 @@ class RecomputedBody(torch.autograd.Function):
         for i, block in enumerate(blocks):
             weight, bias, gamma, beta = weights[4 * i : 4 * i + 4]
             layout = torch.contiguous_format if i == len(blocks) - 1 else between
-            h, arg, mean, invstd = block_forward(h, weight, bias, gamma, beta, block, eps, layout)
+            h, *block_stats = block_forward(h, weight, bias, gamma, beta, block, eps, layout)
             outputs.append(h)
-            stats.append((arg, mean, invstd))
+            stats.append(block_stats)  # mean, invstd, arg
         ctx.blocks, ctx.stats, ctx.inner = blocks, stats, outputs[:-1]  # the inner outputs: overwritten in backward
         ctx.save_for_backward(x, h, *weights)
         return h
@@ -168,8 +171,7 @@ class RecomputedBody(torch.autograd.Function):
         del out
         for i in reversed(range(len(blocks))):
             needs = (ctx.needs_input_grad[0] if i == 0 else True, *ctx.needs_input_grad[4 + 4 * i : 8 + 4 * i])
-            grad_x, *grads[4 * i : 4 * i + 4] = block_backward(grad_z, inputs[i], *weights[4 * i : 4 * i + 3],
-                                                                *stats[i][1:], stats[i][0], blocks[i], needs,
-                                                                into_input=i > 0)
+            grad_x, *grads[4 * i : 4 * i + 4] = block_backward(grad_z, inputs[i], *weights[4 * i : 4 * i + 3], *stats[i],
+                                                                blocks[i], needs, into_input=i > 0)
             inputs[i], stats[i], grad_z = None, None, grad_x  # block i's input now holds the gradient below it
         return grad_z, None, None, None, *grads
