@@ -1,11 +1,13 @@
-"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's; Conv-4's recomputed block
-(metalstm/learners/recomputed_block.py) against the stored ops."""
+"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's; the index-only max-pool
+(metalstm/learners/pool.py) against torch's; Conv-4's recomputed body (metalstm/learners/recomputed_body.py) against the
+stored ops."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from metalstm.learners.norm import batch_norm
+from metalstm.learners.pool import max_pool
 
 
 def inputs(shape, dtype=torch.float64, seed=0):
@@ -132,3 +134,37 @@ def test_recomputed_body_runs_its_backward_once():
     assert all(g.abs().sum() > 0 for g in first)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         torch.autograd.grad(out, weights)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 6, 6), (2, 3, 7, 7), (2, 5, 3, 5)])
+def test_max_pool_derivatives_match_finite_differences(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(max_pool, (x,))
+    assert torch.autograd.gradgradcheck(max_pool, (x,))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 6, 6), (2, 3, 7, 7), (2, 5, 3, 5)])
+def test_max_pool_equals_torch_max_pool_with_ties(shape):
+    """Ties (constant image regions) pick the same input as torch's kernel, in the value, the first and the second
+    derivative."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    x[:, :, :2] = 0.5
+    x.requires_grad_()
+    g = torch.randn(F.max_pool2d(x, 2).shape, generator=gen, dtype=torch.float64).requires_grad_()
+    v = torch.randn(shape, generator=gen, dtype=torch.float64)
+    results = []
+    for pool in (max_pool, lambda t: F.max_pool2d(t, 2)):
+        out = pool(x)
+        (grad_x,) = torch.autograd.grad(out, x, g, create_graph=True)
+        results.append((out, grad_x, *torch.autograd.grad((grad_x * v).sum() + (out ** 2).sum(), (g, x))))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_max_pool_keeps_its_indices_not_its_input():
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        max_pool(x)
+    assert [t.shape for t in saved] == [torch.Size([2, 8, 8, 8])] and saved[0].dtype == torch.int64
