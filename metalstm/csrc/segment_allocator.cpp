@@ -34,6 +34,10 @@ void* take(size_t n) {
     size_t size = std::max(segment_bytes, n);
     void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(base != MAP_FAILED, "metalstm's CPU allocator: out of memory mapping ", size, " bytes");
+    // transparent huge pages where the kernel offers them on request (THP "madvise" mode): fewer page faults and TLB
+    // misses in the memory-bound passes over large activations (W1 checkpoint_inner, 4 alternating runs: 8.83 -> 9.64
+    // tasks/s on average, the same peak); ignored where THP is off
+    madvise(base, size, MADV_HUGEPAGE);
     segments[static_cast<char*>(base)] = size;
     mapped += size;
     peak_mapped = std::max(peak_mapped, mapped);
