@@ -37,7 +37,9 @@ void* take(size_t n) {
     // transparent huge pages where the kernel offers them on request (THP "madvise" mode): fewer page faults and TLB
     // misses in the memory-bound passes over large activations (W1 checkpoint_inner, 4 alternating runs: 8.83 -> 9.64
     // tasks/s on average, the same peak); ignored where THP is off
+#ifdef MADV_HUGEPAGE
     madvise(base, size, MADV_HUGEPAGE);
+#endif
     segments[static_cast<char*>(base)] = size;
     mapped += size;
     peak_mapped = std::max(peak_mapped, mapped);
