@@ -1,11 +1,13 @@
 """BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's; the index-only max-pool
-(metalstm/learners/pool.py) against torch's; Conv-4's recomputed body (metalstm/learners/recomputed_body.py) against the
+(metalstm/learners/pool.py) and the convolution with one call per second-derivative term (metalstm/learners/conv.py)
+against torch's; Conv-4's recomputed body (metalstm/learners/recomputed_body.py) against the
 stored ops."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metalstm.learners.conv import conv2d
 from metalstm.learners.norm import batch_norm
 from metalstm.learners.pool import max_pool
 
@@ -168,3 +170,40 @@ def test_max_pool_keeps_its_indices_not_its_input():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         max_pool(x)
     assert [t.shape for t in saved] == [torch.Size([2, 8, 8, 8])] and saved[0].dtype == torch.int64
+
+
+CONV_CASES = [(1, 1, True, 6), (3, 1, True, 5), (2, 2, True, 7), (2, 1, False, 6), (3, 2, False, 6)]
+
+
+def conv_inputs(groups, bias, size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, groups * 2, size, size, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(groups * 3, 2, 3, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    return (x, weight) + ((torch.randn(groups * 3, generator=gen, dtype=torch.float64).requires_grad_(),) if bias else ())
+
+
+@pytest.mark.parametrize("groups, stride, bias, size", CONV_CASES)
+def test_conv_derivatives_match_finite_differences(groups, stride, bias, size):
+    ours = lambda x, w, *b: conv2d(x, w, b[0] if b else None, (stride, stride), (1, 1), groups=groups)  # noqa: E731
+    args = conv_inputs(groups, bias, size)
+    assert torch.autograd.gradcheck(ours, args)
+    assert torch.autograd.gradgradcheck(ours, args)
+
+
+@pytest.mark.parametrize("groups, stride, bias, size", CONV_CASES)
+@pytest.mark.parametrize("data_input", [False, True])
+def test_conv_second_derivatives_equal_torch_conv(groups, stride, bias, size, data_input):
+    """A MAML-like composite (gradients with create_graph, then gradients of a function of them), also with an input
+    that needs no gradient (the images of block 1)."""
+    args = list(conv_inputs(groups, bias, size))
+    if data_input:
+        args[0] = args[0].detach()
+    wanted = [a for a in args if a.requires_grad]
+    results = []
+    for conv in (conv2d, F.conv2d):
+        y = conv(args[0], args[1], args[2] if bias else None, (stride, stride), (1, 1), groups=groups)
+        target = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        grads = torch.autograd.grad((y * target).sum() + (y ** 3).sum(), wanted, create_graph=True)
+        results.append(torch.autograd.grad(sum((g ** 2).sum() for g in grads) + grads[-1].sin().sum(), wanted))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-8)

@@ -18,6 +18,7 @@ from metalstm.learners.base import (
     outside_functorch,
     recomputing,
 )
+from metalstm.learners.conv import conv2d
 from metalstm.learners.norm import batch_norm
 from metalstm.learners.pool import max_pool
 from metalstm.learners.recomputed_body import RecomputedBody
@@ -127,7 +128,8 @@ class Conv4(BaseLearner):
         for name, layer in self.body.named_children():
             weight, bias = params.get(f"body.{name}.weight"), params.get(f"body.{name}.bias")
             if isinstance(layer, nn.Conv2d):
-                h = F.conv2d(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
+                conv = conv2d if closed_form and not torch.is_autocast_enabled("cpu") else F.conv2d  # float32 only
+                h = conv(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
             elif isinstance(layer, BatchNorm) and closed_form:
                 h = batch_norm(h, weight.flatten(), bias.flatten(), layer.eps)
             elif isinstance(layer, BatchNorm):
