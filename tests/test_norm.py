@@ -1,4 +1,5 @@
-"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py) against torch's; the index-only max-pool
+"""BatchNorm with its closed-form second derivative (metalstm/learners/norm.py), alone and fused with the max-pool after
+it, against torch's; the index-only max-pool
 (metalstm/learners/pool.py) and the convolution with one call per second-derivative term (metalstm/learners/conv.py)
 against torch's; Conv-4's recomputed body (metalstm/learners/recomputed_body.py) against the
 stored ops."""
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalstm.learners.conv import conv2d
-from metalstm.learners.norm import batch_norm
+from metalstm.learners.norm import batch_norm, batch_norm_max_pool
 from metalstm.learners.pool import max_pool
 
 
@@ -207,3 +208,52 @@ def test_conv_second_derivatives_equal_torch_conv(groups, stride, bias, size, da
         results.append(torch.autograd.grad(sum((g ** 2).sum() for g in grads) + grads[-1].sin().sum(), wanted))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-8)
+
+
+def norm_pool_inputs(shape, seed=0):
+    """x with tied values (a constant band, as in an image's background) and a channel of negative weight."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    x[:, :, :2] = 0.3
+    weight = torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5
+    weight[0] = -0.8
+    return x.requires_grad_(), weight.requires_grad_(), torch.randn(shape[1], generator=gen, dtype=torch.float64).requires_grad_()
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 8, 8), (3, 5, 7, 7), (2, 4, 3, 5)])
+def test_batch_norm_max_pool_equals_torch_batch_norm_then_max_pool(shape):
+    """Values, first and second derivatives of a MAML-like composite, ties and odd sizes included."""
+    x, weight, bias = norm_pool_inputs(shape)
+    results = []
+    for fn in (lambda x, w, b: batch_norm_max_pool(x, w, b, 1e-5),
+               lambda x, w, b: F.max_pool2d(F.batch_norm(x, None, None, w, b, training=True, eps=1e-5), 2)):
+        y = fn(x, weight, bias)
+        target = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        grads = torch.autograd.grad((y * target).sum() + (y ** 3).sum(), (x, weight, bias), create_graph=True)
+        second = torch.autograd.grad((grads[0] ** 2).sum() + grads[1].sin().sum() + (grads[2] * 0.3).sum()
+                                     + (grads[0] * x).sum(), (x, weight, bias))
+        results.append((y, *grads, *second))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_max_pool_derivatives_match_finite_differences():
+    gen = torch.Generator().manual_seed(2)  # no ties: finite differences need a differentiable point
+    args = (torch.randn(3, 4, 6, 6, generator=gen, dtype=torch.float64).requires_grad_(),
+            (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(),
+            torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_())
+    fn = lambda x, w, b: batch_norm_max_pool(x, w, b, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_batch_norm_max_pool_keeps_neither_the_normalised_map_nor_its_gradient():
+    """Of the full-size tensors, the forward keeps its input only and the backward (for the second derivative) the
+    same input again: the normalised map and the unpooled gradient are recomputed, not kept."""
+    x, weight, bias = norm_pool_inputs((2, 8, 16, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = batch_norm_max_pool(x, weight, bias, 1e-5)
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    full = [t for t in saved if t.shape == x.shape]
+    assert full and all(t.data_ptr() == x.data_ptr() for t in full)

@@ -19,7 +19,7 @@ from metalstm.learners.base import (
     recomputing,
 )
 from metalstm.learners.conv import conv2d
-from metalstm.learners.norm import batch_norm
+from metalstm.learners.norm import batch_norm, batch_norm_max_pool
 from metalstm.learners.pool import max_pool
 from metalstm.learners.recomputed_body import RecomputedBody
 
@@ -125,15 +125,21 @@ class Conv4(BaseLearner):
         tasks, n = x.shape[:2]
         closed_form = closed_form_norm(x)
         h = x.transpose(0, 1).flatten(1, 2)  # [n, T*C, H, W]
-        for name, layer in self.body.named_children():
+        layers = list(self.body.named_children())
+        pooled = False  # the max-pool already run with the BatchNorm before it
+        for i, (name, layer) in enumerate(layers):
             weight, bias = params.get(f"body.{name}.weight"), params.get(f"body.{name}.bias")
             if isinstance(layer, nn.Conv2d):
                 conv = conv2d if closed_form and not torch.is_autocast_enabled("cpu") else F.conv2d  # float32 only
                 h = conv(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
             elif isinstance(layer, BatchNorm) and closed_form:
-                h = batch_norm(h, weight.flatten(), bias.flatten(), layer.eps)
+                pooled = i + 1 < len(layers) and isinstance(layers[i + 1][1], nn.MaxPool2d)
+                norm = batch_norm_max_pool if pooled else batch_norm
+                h = norm(h, weight.flatten(), bias.flatten(), layer.eps)
             elif isinstance(layer, BatchNorm):
                 h = F.batch_norm(h, None, None, weight.flatten(), bias.flatten(), training=True, eps=layer.eps)
+            elif isinstance(layer, nn.MaxPool2d) and pooled:
+                pooled = False
             elif isinstance(layer, nn.MaxPool2d) and closed_form:
                 h = max_pool(h)
             elif isinstance(layer, nn.Flatten):

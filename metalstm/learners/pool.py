@@ -26,8 +26,7 @@ def max_pool(x: Tensor) -> Tensor:
 class _MaxPool(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        out, indices = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last),
-                                                              KERNEL, STRIDE, PADDING, DILATION, False)
+        out, indices = pool_with_indices(x.contiguous(memory_format=torch.channels_last))
         indices = indices.contiguous()
         ctx.save_for_backward(indices)
         ctx.shape = x.shape
@@ -45,12 +44,26 @@ class _Unpool(Function):
     @staticmethod
     def forward(ctx: Any, grad: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
         ctx.save_for_backward(indices)
-        template = grad.new_empty(()).expand(shape)  # the kernel reads the input's shape only
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), template, KERNEL, STRIDE, PADDING,
-                                                               DILATION, False, indices)
+        return unpool(grad, indices, shape)
 
     @staticmethod
     def backward(ctx: Any, grad_grad: Tensor) -> tuple[Tensor, None, None]:
         (indices,) = ctx.saved_tensors
-        gathered = grad_grad.contiguous().flatten(2).gather(2, indices.flatten(2))
-        return gathered.view(indices.shape), None, None
+        return gather(grad_grad, indices), None, None
+
+
+def pool_with_indices(x: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2 max-pool of x [n, C, H, W] in its own layout: the pooled values and their indices in each H x W plane."""
+    return torch.ops.aten.max_pool2d_with_indices(x, KERNEL, STRIDE, PADDING, DILATION, False)
+
+
+def unpool(grad: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
+    """grad [n, C, h, w] placed at ``indices`` of zeros ``shape`` (NCHW): the max-pool's backward."""
+    template = grad.new_empty(()).expand(shape)  # the kernel reads the input's shape only
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), template, KERNEL, STRIDE, PADDING,
+                                                           DILATION, False, indices)
+
+
+def gather(grad: Tensor, indices: Tensor) -> Tensor:
+    """grad [n, C, H, W] read at ``indices`` [n, C, h, w]: the adjoint of ``unpool``."""
+    return grad.contiguous().flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
