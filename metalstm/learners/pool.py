@@ -1,7 +1,8 @@
-"""2x2 max-pooling that keeps its indices only, for Conv-4's second-order (grouped) support pass on a CPU.
+"""2x2 max-pooling that keeps its indices only, for Conv-4's second-order (grouped) support pass on a CPU, and the
+pooling, scattering and gathering that ``norm.batch_norm_max_pool`` (the pool after a BatchNorm) is made of.
 
 torch's ``max_pool2d`` keeps its whole input for the backward, which reads only its shape; in a second-order inner
-loop that input (the BatchNorm output, [5 images, 8 x 64 channels, 28, 28] in W1) stays alive for every inner step.
+loop that input ([5 images, 8 x 64 channels, 28, 28] in W1's block 1) stays alive for every inner step.
 Here the backward scatters the gradient to the stored indices and its derivative gathers at them (the two are each
 other's adjoints), so any order of derivative is exact. An NCHW input is pooled through channels_last, where torch's
 kernel is vectorised over channels (W1's block 1: 4.6 -> 2.4 ms with the two layout copies).
