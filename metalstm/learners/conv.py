@@ -22,7 +22,10 @@ DILATION, OUTPUT_PADDING = [1, 1], [0, 0]
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
            groups: int) -> Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding, groups=groups)``, with the second derivative above."""
+    """``F.conv2d(x, weight, bias, stride, padding, groups=groups)``, with the second derivative above. Under autocast
+    it is ``F.conv2d`` itself: the backward's calls would meet the float32 inputs saved before autocast casts them."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.conv2d(x, weight, bias, stride, padding, groups=groups)
     return _Conv.apply(x, weight, bias, list(stride), list(padding), groups)
 
 

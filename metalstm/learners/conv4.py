@@ -125,12 +125,12 @@ class Conv4(BaseLearner):
         tasks, n = x.shape[:2]
         closed_form = closed_form_norm(x)
         h = x.transpose(0, 1).flatten(1, 2)  # [n, T*C, H, W]
+        conv = conv2d if closed_form else F.conv2d
         layers = list(self.body.named_children())
         pooled = False  # the max-pool already run with the BatchNorm before it
         for i, (name, layer) in enumerate(layers):
             weight, bias = params.get(f"body.{name}.weight"), params.get(f"body.{name}.bias")
             if isinstance(layer, nn.Conv2d):
-                conv = conv2d if closed_form and not torch.is_autocast_enabled("cpu") else F.conv2d  # float32 only
                 h = conv(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
             elif isinstance(layer, BatchNorm) and closed_form:
                 pooled = i + 1 < len(layers) and isinstance(layers[i + 1][1], nn.MaxPool2d)

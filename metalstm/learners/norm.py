@@ -68,10 +68,9 @@ class _BatchNormPool(Function):
         y, mean, invstd = torch.native_batch_norm(x.contiguous(memory_format=torch.channels_last), weight, bias,
                                                   None, None, True, 0.0, eps)
         out, indices = pool_with_indices(y)
-        indices = indices.contiguous()
         ctx.save_for_backward(x, weight, mean, invstd, indices)
         ctx.eps = eps
-        return out.contiguous()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

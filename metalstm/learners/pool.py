@@ -27,11 +27,10 @@ def max_pool(x: Tensor) -> Tensor:
 class _MaxPool(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        out, indices = pool_with_indices(x.contiguous(memory_format=torch.channels_last))
-        indices = indices.contiguous()
+        out, indices = pool_with_indices(x)
         ctx.save_for_backward(indices)
         ctx.shape = x.shape
-        return out.contiguous()
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tensor:
@@ -54,8 +53,11 @@ class _Unpool(Function):
 
 
 def pool_with_indices(x: Tensor) -> tuple[Tensor, Tensor]:
-    """2x2 max-pool of x [n, C, H, W] in its own layout: the pooled values and their indices in each H x W plane."""
-    return torch.ops.aten.max_pool2d_with_indices(x, KERNEL, STRIDE, PADDING, DILATION, False)
+    """2x2 max-pool of x [n, C, H, W], run in channels_last: the pooled values and their indices in each H x W plane,
+    both NCHW."""
+    out, indices = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), KERNEL,
+                                                          STRIDE, PADDING, DILATION, False)
+    return out.contiguous(), indices.contiguous()
 
 
 def unpool(grad: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
