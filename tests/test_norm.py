@@ -147,13 +147,15 @@ def test_max_pool_derivatives_match_finite_differences(shape):
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 6, 6), (2, 3, 7, 7), (2, 5, 3, 5)])
-def test_max_pool_equals_torch_max_pool_with_ties(shape):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_max_pool_equals_torch_max_pool_with_ties(shape, memory_format):
     """Ties (constant image regions) pick the same input as torch's kernel, in the value, the first and the second
-    derivative."""
+    derivative; the output and the input's gradient in the input's layout."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     x[:, :, :2] = 0.5
-    x.requires_grad_()
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    assert max_pool(x).is_contiguous(memory_format=memory_format)
     g = torch.randn(F.max_pool2d(x, 2).shape, generator=gen, dtype=torch.float64).requires_grad_()
     v = torch.randn(shape, generator=gen, dtype=torch.float64)
     results = []
@@ -210,6 +212,19 @@ def test_conv_second_derivatives_equal_torch_conv(groups, stride, bias, size, da
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-8)
 
 
+def test_conv_keeps_the_output_gradient_only_where_its_second_derivative_reads_it():
+    """With images that need no gradient (block 1) there is no grad_x, so no term of the second derivative reads the
+    gradient of the output: the backward's graph keeps the images and weights, not that full-size gradient."""
+    x, weight, bias = conv_inputs(2, True, 6)
+    for images, kept in ((x.detach(), False), (x, True)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = conv2d(images, weight, bias, (1, 1), (1, 1), groups=2)
+            grad_y = torch.full_like(y, 0.5)
+            torch.autograd.grad(y, weight, grad_y, create_graph=True)
+        assert any(t.data_ptr() == grad_y.data_ptr() for t in saved) == kept
+
+
 def norm_pool_inputs(shape, seed=0):
     """x with tied values (a constant band, as in an image's background) and a channel of negative weight."""
     gen = torch.Generator().manual_seed(seed)
@@ -221,9 +236,13 @@ def norm_pool_inputs(shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 8, 8), (3, 5, 7, 7), (2, 4, 3, 5)])
-def test_batch_norm_max_pool_equals_torch_batch_norm_then_max_pool(shape):
-    """Values, first and second derivatives of a MAML-like composite, ties and odd sizes included."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batch_norm_max_pool_equals_torch_batch_norm_then_max_pool(shape, memory_format):
+    """Values, first and second derivatives of a MAML-like composite, ties and odd sizes included; NCHW (the grouped
+    support pass) and channels_last (Conv-4's forward on a CPU) inputs, the output in the input's layout."""
     x, weight, bias = norm_pool_inputs(shape)
+    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+    assert batch_norm_max_pool(x, weight, bias, 1e-5).is_contiguous(memory_format=memory_format)
     results = []
     for fn in (lambda x, w, b: batch_norm_max_pool(x, w, b, 1e-5),
                lambda x, w, b: F.max_pool2d(F.batch_norm(x, None, None, w, b, training=True, eps=1e-5), 2)):
@@ -257,3 +276,32 @@ def test_batch_norm_max_pool_keeps_neither_the_normalised_map_nor_its_gradient()
         torch.autograd.grad(y.sum(), x, create_graph=True)
     full = [t for t in saved if t.shape == x.shape]
     assert full and all(t.data_ptr() == x.data_ptr() for t in full)
+
+
+def test_conv4_forward_runs_batch_norm_and_max_pool_as_one_and_equals_its_layers():
+    """Conv-4's forward on a CPU (query passes; the support sets of ``vectorize=loop``) runs each BatchNorm and the
+    max-pool after it as ``batch_norm_max_pool``: the same values, first and second derivatives as its layers one
+    after another, and the BatchNorm's output is not kept for the backward."""
+    from metalstm.learners.conv4 import Conv4, Conv4Config, channels_last
+
+    spec = {"task_type": "classification", "input_shape": (1, 12, 12), "output_dim": 3}
+    learner = Conv4(Conv4Config(filters=4, blocks=2, downsample="maxpool"), spec).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 12, 12, generator=gen, dtype=torch.float64)
+    x[:, :, :3] = 0.2  # ties in the pooling windows
+    params = {n: p.detach().clone().requires_grad_() for n, p in learner.params().items()}
+    results = []
+    for body in (learner.run_body, learner.body):
+        with torch.nn.utils.stateless._reparametrize_module(learner, params):
+            out = learner.head(body(channels_last(x)))
+        grads = torch.autograd.grad((out ** 2).sum(), list(params.values()), create_graph=True)
+        second = torch.autograd.grad(sum((g ** 2).sum() for g in grads), list(params.values()))
+        results.append((out, *grads, *second))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        learner.forward_with(params, x)
+    # of the 12 x 12 maps: the convolution's output (BatchNorm's input) only, not BatchNorm's output
+    assert len({t.data_ptr() for t in saved if t.shape == (6, 4, 12, 12) and t.dtype == torch.float64}) == 1

@@ -49,7 +49,11 @@ class _ConvBackward(Function):
     @staticmethod
     def forward(ctx: Any, grad_y: Tensor, x: Tensor, weight: Tensor, args: tuple, mask: list[bool]) -> tuple:
         stride, padding, groups = args
-        ctx.save_for_backward(grad_y, x, weight)
+        # grad_y is read by d/dx (for a gradient w.r.t. grad_W) and by d/dW (for one w.r.t. grad_x) only: the first
+        # block's (x an image, no grad_x) would be kept for nothing, a full-size map every inner step
+        needs_grad_y = (ctx.needs_input_grad[1] and mask[1]) or (ctx.needs_input_grad[2] and mask[0])
+        ctx.save_for_backward(grad_y if needs_grad_y else None, x, weight)
+        ctx.grad_y_shape = grad_y.shape
         ctx.args = args
         return torch.ops.aten.convolution_backward(grad_y, x, weight, [weight.shape[0]] if mask[2] else None, stride,
                                                    padding, DILATION, False, OUTPUT_PADDING, groups, mask)
@@ -64,7 +68,7 @@ class _ConvBackward(Function):
         d_grad_y = d_x = d_w = None
         if ctx.needs_input_grad[0]:
             terms = ([conv(u, weight)] if u is not None else []) + ([conv(x, a)] if a is not None else [])
-            d_grad_y = sum(terms[1:], terms[0]) if terms else torch.zeros_like(grad_y)
+            d_grad_y = sum(terms[1:], terms[0]) if terms else x.new_zeros(ctx.grad_y_shape)
             if c is not None:
                 d_grad_y = d_grad_y + c.view(1, -1, 1, 1)
         if ctx.needs_input_grad[1] and a is not None:

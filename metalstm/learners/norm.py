@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from metalstm.learners.pool import gather, pool_with_indices, unpool
+from metalstm.learners.pool import gather, layout, pool_with_indices, unpool
 
 
 def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -32,10 +32,12 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 
 
 def batch_norm_max_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``F.max_pool2d(batch_norm(x, weight, bias, eps), 2)`` for x [n, C, H, W] (NCHW, a CPU): normalised and pooled
-    through channels_last, where torch's kernels for both are vectorised over channels (W1's block 1: 4.3 -> 2.3 ms
-    with the layout copies); keeps x, the statistics and the pool's indices, never the normalised map nor, in the
-    backward, its full-size gradient (recomputed from the pooled one when the second derivative needs it)."""
+    """``F.max_pool2d(batch_norm(x, weight, bias, eps), 2)`` for x [n, C, H, W] on a CPU, returned in the layout of x:
+    normalised and pooled through channels_last, where torch's kernels for both are vectorised over channels (W1's
+    block 1, NCHW: 4.3 -> 2.3 ms with the layout copies); keeps x, the statistics and the pool's indices, never the
+    normalised map nor, in the backward, its full-size gradient (recomputed from the pooled one when the second
+    derivative needs it). A query pass (channels_last, differentiated once) thus holds one full-size map a block less
+    than BatchNorm then ``F.max_pool2d``, which keeps its input."""
     return _BatchNormPool.apply(x, weight, bias, eps)
 
 
@@ -68,6 +70,8 @@ class _BatchNormPool(Function):
         y, mean, invstd = torch.native_batch_norm(x.contiguous(memory_format=torch.channels_last), weight, bias,
                                                   None, None, True, 0.0, eps)
         out, indices = pool_with_indices(y)
+        memory_format = layout(x)
+        out, indices = out.contiguous(memory_format=memory_format), indices.contiguous(memory_format=memory_format)
         ctx.save_for_backward(x, weight, mean, invstd, indices)
         ctx.eps = eps
         return out
@@ -84,14 +88,14 @@ class _BatchNormPoolBackward(Function):
     def forward(ctx, grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, indices: Tensor,
                 eps: float):
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            unpool(grad_out, indices, x.shape), x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+            unpool(grad_out, indices, x), x, weight, None, None, mean, invstd, True, eps, [True, True, True])
         ctx.save_for_backward(grad_out, x, weight, mean, invstd, indices, grad_weight, grad_bias)
         return grad_x, grad_weight, grad_bias
 
     @staticmethod
     def backward(ctx, u: Tensor | None, a: Tensor | None, b: Tensor | None):
         grad_out, x, weight, mean, invstd, indices, sum_gx, sum_g = ctx.saved_tensors
-        grad_g, grad_x, grad_weight = second_derivative(unpool(grad_out, indices, x.shape), x, weight, mean, invstd,
+        grad_g, grad_x, grad_weight = second_derivative(unpool(grad_out, indices, x), x, weight, mean, invstd,
                                                         sum_gx, sum_g, u, a, b, ctx.needs_input_grad[:3])
         grad_out_grad = None if grad_g is None else gather(grad_g, indices)
         return grad_out_grad, grad_x, grad_weight, None, None, None, None
