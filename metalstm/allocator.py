@@ -8,8 +8,8 @@ scripts/bench.py). So glibc keeps its heap (``mallopt``).
 
 A kept heap grows past the tensors alive in it: a freed large block lies between small, long-lived allocations
 (autograd nodes, Python objects), and the next tensor of another size is placed above it, on fresh pages. On Linux,
-blocks of 1 MiB or more therefore come from metalstm's segment allocator (``csrc/segment_allocator.cpp``, built
-once with torch's C++ extension tools into ``~/.cache/metalstm`` or ``$TORCH_EXTENSIONS_DIR``): best fit from 32 MiB
+blocks of 64 KiB or more therefore come from metalstm's segment allocator (``csrc/segment_allocator.cpp``, built
+once with torch's C++ extension tools into ``~/.cache/metalstm`` or ``$TORCH_EXTENSIONS_DIR``): best fit from 16 MiB
 anonymous segments that hold nothing else, split and coalesced, kept for reuse. Second-order MAML on W2 (10 inner
 steps, both recomputations, task_chunk=1) peaks at 428-429 MiB instead of 464 MiB, and W1 (checkpoint_inner,
 task_chunk=8) at about 500 MiB instead of 650-662 MiB (docs/performance.md). Where it cannot be built (no C++
@@ -28,8 +28,11 @@ from pathlib import Path
 from types import ModuleType
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, glibc's malloc.h
-SEGMENT_MIN_BYTES = 2**20  # blocks served from segments; smaller ones stay in glibc's heap
-SEGMENT_BYTES = 32 * 2**20
+# blocks served from segments; smaller ones stay in glibc's heap. 64 KiB and 16 MiB segments, against 1 MiB and 32 MiB:
+# peaks W1 (checkpoint_inner) 495 -> 455-471 MiB, W2 (10 steps, both recomputations) 433 -> 403, W3 585 -> 551; W4
+# 254-291 -> 299-315 tasks/s (scripts/bench.py, alternating processes)
+SEGMENT_MIN_BYTES = 2**16
+SEGMENT_BYTES = 16 * 2**20
 SOURCE = Path(__file__).with_name("csrc") / "segment_allocator.cpp"
 NAME = "metalstm_cpu_allocator"
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ def glibc_function(name: str) -> ctypes._CFuncPtr | None:
 
 
 def keep_freed_memory() -> bool:
-    """Serve large allocations from the heap and keep it on free, and blocks of 1 MiB or more from segments where
+    """Serve large allocations from the heap and keep it on free, and blocks of 64 KiB or more from segments where
     they can be built; True where glibc took the settings."""
     global _done
     install_segments()

@@ -1,4 +1,4 @@
-// metalstm's CPU allocator: blocks of at least `threshold` bytes are served best-fit from 32 MiB anonymous segments,
+// metalstm's CPU allocator: blocks of at least `threshold` bytes are served best-fit from anonymous segments,
 // split on allocation and coalesced on free, and the segments are kept; smaller blocks go to c10's default
 // (glibc malloc). Large tensors then never share pages with the small, long-lived allocations that pin glibc's heap,
 // so a freed block is reused in place instead of the heap's high-water mark growing (metalstm/allocator.py).
