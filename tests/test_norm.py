@@ -305,3 +305,30 @@ def test_conv4_forward_runs_batch_norm_and_max_pool_as_one_and_equals_its_layers
         learner.forward_with(params, x)
     # of the 12 x 12 maps: the convolution's output (BatchNorm's input) only, not BatchNorm's output
     assert len({t.data_ptr() for t in saved if t.shape == (6, 4, 12, 12) and t.dtype == torch.float64}) == 1
+
+
+def test_batch_norm_max_pool_backward_allocates_one_full_size_gradient():
+    """The backward writes grad_x over the unpooled gradient: one full-size tensor, where the unpooling then torch's
+    BatchNorm backward allocate two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSize(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.storages = shape, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, Tensor) and t.shape == self.shape:
+                    self.storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x, weight, bias = norm_pool_inputs((3, 4, 8, 8))
+        x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+        y = batch_norm_max_pool(x, weight, bias, 1e-5)
+        mode = FullSize(x.shape)
+        with mode:
+            torch.autograd.grad(y.sum(), x)
+        assert len(mode.storages) == 1
