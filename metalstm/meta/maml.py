@@ -63,8 +63,9 @@ class MAMLConfig(MetaConfig):
     # (measured, docs/performance.md). Same meta-gradient.
     vectorize: str = choice("auto", VECTORIZE)
     # tasks whose graphs are held at once: the meta-gradient is taken chunk by chunk as the meta-loss is computed
-    # (the same gradient; memory follows the chunk, not the meta-batch). 0: auto, one task at a time with loop, 8 with
-    # grouped (W1 on a CPU: 4 % slower than 32, half the memory; docs/performance.md), the whole meta-batch with vmap.
+    # (the same gradient; memory follows the chunk, not the meta-batch). 0: auto, one task at a time with loop, 4 with
+    # grouped (W1 on a CPU: about 3 % slower than 8, 491 against 553 MiB, below the peer loop's 506-527; W2 834 MiB
+    # against 1.4 GB; docs/performance.md), the whole meta-batch with vmap.
     # Validation and test adapt the same number of tasks at a time
     task_chunk: int = count(0, minimum=0)
     # second order without storing the inner loop: each step's activations are recomputed in the meta-backward, one
@@ -344,7 +345,7 @@ class MAML(MetaLearner):
         if self.cfg.task_chunk:
             return min(self.cfg.task_chunk, batch.num_tasks)
         mode = self.vectorize_mode(batch.support_x)
-        return {"loop": 1, "grouped": min(8, batch.num_tasks)}.get(mode, batch.num_tasks)
+        return {"loop": 1, "grouped": min(4, batch.num_tasks)}.get(mode, batch.num_tasks)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         steps = self.cfg.inner_steps
