@@ -11,9 +11,10 @@ A kept heap grows past the tensors alive in it: a freed large block lies between
 blocks of 64 KiB or more therefore come from metalstm's segment allocator (``csrc/segment_allocator.cpp``, built
 once with torch's C++ extension tools into ``~/.cache/metalstm`` or ``$TORCH_EXTENSIONS_DIR``): best fit from 16 MiB
 anonymous segments that hold nothing else, split and coalesced, kept for reuse. Second-order MAML on W2 (10 inner
-steps, both recomputations, task_chunk=1) peaks at 428-429 MiB instead of 464 MiB, and W1 (checkpoint_inner,
-task_chunk=8) at about 500 MiB instead of 650-662 MiB (docs/performance.md). Where it cannot be built (no C++
-compiler or ninja) glibc serves every block; ``METALSTM_CPU_ALLOCATOR=glibc`` chooses that too.
+steps, both recomputations, task_chunk=1) peaked at 428-429 MiB instead of 464 MiB with glibc alone, and W1
+(checkpoint_inner, task_chunk=8) at about 500 MiB instead of 650-662 MiB (docs/performance.md); lower still since.
+Where it cannot be built (no C++ compiler or ninja) glibc serves every block; ``METALSTM_CPU_ALLOCATOR=glibc``
+chooses that too.
 """
 from __future__ import annotations
 

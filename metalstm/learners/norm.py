@@ -89,7 +89,8 @@ class _BatchNormPoolBackward(Function):
                 eps: float):
         # BatchNorm's backward of the unpooled gradient g, written over g: its sums first (torch's kernel, without
         # grad_x), then grad_x = weight r (g - mean(g) - x_hat mean(g x_hat)) = weight r g + c x + d in place. The
-        # backward thus holds one full-size gradient, not two (W1's query pass: 15 MB less at its peak, as fast)
+        # backward thus holds one full-size gradient, not two (W1's query pass: 15 MB less at its peak; its block 1
+        # 2.4 against 2.1 ms)
         n = x.numel() // x.shape[1]
         grad_x = unpool(grad_out, indices, x)
         _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
