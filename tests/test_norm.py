@@ -284,6 +284,7 @@ def test_conv4_forward_runs_batch_norm_and_max_pool_as_one_and_equals_its_layers
     after another, and the BatchNorm's output is not kept for the backward."""
     from metalstm.learners.conv4 import Conv4, Conv4Config, channels_last
 
+    torch.manual_seed(0)
     spec = {"task_type": "classification", "input_shape": (1, 12, 12), "output_dim": 3}
     learner = Conv4(Conv4Config(filters=4, blocks=2, downsample="maxpool"), spec).double()
     gen = torch.Generator().manual_seed(3)
@@ -297,8 +298,8 @@ def test_conv4_forward_runs_batch_norm_and_max_pool_as_one_and_equals_its_layers
         grads = torch.autograd.grad((out ** 2).sum(), list(params.values()), create_graph=True)
         second = torch.autograd.grad(sum((g ** 2).sum() for g in grads), list(params.values()))
         results.append((out, *grads, *second))
-    for ours, theirs in zip(*results):
-        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+    for ours, theirs in zip(*results):  # atol: the convolutions' biases before a BatchNorm have zero derivatives
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
