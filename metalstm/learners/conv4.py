@@ -36,6 +36,12 @@ class Conv4Config(LearnerConfig):
     downsample: str = choice("stride", ("stride", "maxpool"))  # stride (MAML's 2x2-strided convs) | maxpool (ProtoNet/Vinyals)
 
 
+def pool_follows(layers: list[nn.Module], i: int) -> bool:
+    """Whether layer i of a body's ``layers`` is followed by a max-pool: a BatchNorm's, run with it as
+    ``batch_norm_max_pool`` where the closed form runs."""
+    return i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)
+
+
 def channels_last(x: Tensor) -> Tensor:
     """x [n, C, H, W] in channels_last. A one-channel image is stored the same in both layouts, but torch reads its
     default strides as NCHW, so it is given channels_last strides over the same memory."""
@@ -104,16 +110,15 @@ class Conv4(BaseLearner):
         ``batch_norm_max_pool`` where the closed form runs (a CPU, outside torch.func), which keeps the BatchNorm's
         input but not its output (a query pass: one full-size map a block less)."""
         layers = list(self.body)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if (isinstance(layer, BatchNorm) and not layer.track_running_stats and i + 1 < len(layers)
-                    and isinstance(layers[i + 1], nn.MaxPool2d) and closed_form_norm(x)):
-                x = batch_norm_max_pool(x, layer.weight, layer.bias, layer.eps)
-                i += 2
+        pooled = False  # the max-pool already run with the BatchNorm before it
+        for i, layer in enumerate(layers):
+            if pooled:
+                pooled = False
+            elif (isinstance(layer, BatchNorm) and not layer.track_running_stats and pool_follows(layers, i)
+                  and closed_form_norm(x)):
+                x, pooled = batch_norm_max_pool(x, layer.weight, layer.bias, layer.eps), True
             else:
                 x = layer(x)
-                i += 1
         return x
 
     def recomputes(self) -> bool:
@@ -129,7 +134,7 @@ class Conv4(BaseLearner):
         for i, conv in enumerate(layers):
             if isinstance(conv, nn.Conv2d):
                 norm = layers[i + 1]
-                blocks.append((conv.stride, conv.padding, isinstance(layers[i + 2], nn.MaxPool2d)))
+                blocks.append((conv.stride, conv.padding, pool_follows(layers, i + 1)))
                 weights += [conv.weight, conv.bias, norm.weight, norm.bias]
         between = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         return RecomputedBody.apply(x, tuple(blocks), layers[1].eps, between, *weights).flatten(1)
@@ -143,14 +148,14 @@ class Conv4(BaseLearner):
         closed_form = closed_form_norm(x)
         h = x.transpose(0, 1).flatten(1, 2)  # [n, T*C, H, W]
         conv = conv2d if closed_form else F.conv2d
-        layers = list(self.body.named_children())
+        layers = list(self.body)
         pooled = False  # the max-pool already run with the BatchNorm before it
-        for i, (name, layer) in enumerate(layers):
+        for i, (name, layer) in enumerate(self.body.named_children()):
             weight, bias = params.get(f"body.{name}.weight"), params.get(f"body.{name}.bias")
             if isinstance(layer, nn.Conv2d):
                 h = conv(h, weight.flatten(0, 1), bias.flatten(), layer.stride, layer.padding, groups=tasks)
             elif isinstance(layer, BatchNorm) and closed_form:
-                pooled = i + 1 < len(layers) and isinstance(layers[i + 1][1], nn.MaxPool2d)
+                pooled = pool_follows(layers, i)
                 norm = batch_norm_max_pool if pooled else batch_norm
                 h = norm(h, weight.flatten(), bias.flatten(), layer.eps)
             elif isinstance(layer, BatchNorm):

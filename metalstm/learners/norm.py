@@ -69,9 +69,7 @@ class _BatchNormPool(Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         y, mean, invstd = torch.native_batch_norm(x.contiguous(memory_format=torch.channels_last), weight, bias,
                                                   None, None, True, 0.0, eps)
-        out, indices = pool_with_indices(y)
-        memory_format = layout(x)
-        out, indices = out.contiguous(memory_format=memory_format), indices.contiguous(memory_format=memory_format)
+        out, indices = pool_with_indices(y, layout(x))
         ctx.save_for_backward(x, weight, mean, invstd, indices)
         ctx.eps = eps
         return out

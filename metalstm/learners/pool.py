@@ -64,10 +64,10 @@ def layout(x: Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def pool_with_indices(x: Tensor) -> tuple[Tensor, Tensor]:
+def pool_with_indices(x: Tensor, memory_format: torch.memory_format | None = None) -> tuple[Tensor, Tensor]:
     """2x2 max-pool of x [n, C, H, W], run in channels_last: the pooled values and their indices in each H x W plane,
-    both in the layout of x."""
-    memory_format = layout(x)
+    both in ``memory_format`` (None: the layout of x)."""
+    memory_format = memory_format or layout(x)
     out, indices = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), KERNEL,
                                                           STRIDE, PADDING, DILATION, False)
     return out.contiguous(memory_format=memory_format), indices.contiguous(memory_format=memory_format)
